@@ -1,0 +1,31 @@
+"""raytp: tensor-parallel training and inference of PyTorch models on Ray.
+
+The core (this package without :mod:`raytp.driver`) is pure PyTorch and runs the
+same under Ray actors, ``torchrun`` or test processes.
+"""
+
+from raytp import comm, nn
+from raytp.dtensor import DTensor
+from raytp.mesh import DeviceMesh, init_distributed
+from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
+from raytp.parallelize import parallelize
+from raytp.placement import Partial, Replicate, Shard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "AdamW",
+    "DTensor",
+    "DeviceMesh",
+    "Partial",
+    "Replicate",
+    "Shard",
+    "clip_grad_norm_",
+    "comm",
+    "grad_norm",
+    "init_distributed",
+    "nn",
+    "parallelize",
+    "sync_grads",
+]

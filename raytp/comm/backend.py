@@ -1,0 +1,163 @@
+"""The collective backends behind one small interface.
+
+A :class:`Communicator` is one group of ranks (a TP group, a DP group) and the
+collectives among them. Every op takes contiguous tensors and works along dim 0;
+the dim-aware helpers in :mod:`raytp.comm.functional` build on these. Each op is
+reported to the collective counter before it is issued, and the last op entered
+is kept in :attr:`Communicator.last_entered` so a stuck rank can say where it is.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+import torch
+import torch.distributed as dist
+
+from raytp.comm.counter import CollectiveRecord, current_tag, record
+
+
+class Communicator(ABC):
+    """Collectives among ``size`` ranks; this rank is ``rank`` within the group.
+
+    Ops with ``async_op=True`` return a handle with ``wait()``; otherwise ``None``.
+    Outputs are written in place into the tensors passed as ``out``.
+    """
+
+    def __init__(self, rank: int, size: int, name: str):
+        self.rank = rank
+        self.size = size
+        self.name = name
+        self.seq = 0
+        self.last_entered: CollectiveRecord | None = None
+
+    def all_reduce(self, tensor: torch.Tensor, *, async_op: bool = False):
+        """Sum ``tensor`` over the group, in place."""
+        return self._issue("all_reduce", tensor, lambda: self._all_reduce(tensor, async_op), async_op)
+
+    def all_gather(self, out: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False):
+        """``out`` (size * n, ...) receives every rank's ``tensor`` (n, ...) in rank order."""
+        return self._issue("all_gather", tensor, lambda: self._all_gather(out, tensor, async_op), async_op)
+
+    def reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False):
+        """``out`` (n, ...) receives this rank's chunk of the sum of ``tensor`` (size * n, ...)."""
+        return self._issue(
+            "reduce_scatter", tensor, lambda: self._reduce_scatter(out, tensor, async_op), async_op
+        )
+
+    def all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False):
+        """Chunk k of ``tensor`` along dim 0 goes to rank k; ``out``'s chunk k comes from rank k."""
+        return self._issue("all_to_all", tensor, lambda: self._all_to_all(out, tensor, async_op), async_op)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0):
+        """Copy ``tensor`` from group rank ``src`` to every rank, in place."""
+        return self._issue("broadcast", tensor, lambda: self._broadcast(tensor, src), False)
+
+    def scatter(self, out: torch.Tensor, chunks: list[torch.Tensor] | None, src: int = 0):
+        """Group rank ``src`` sends ``chunks[k]`` to rank k, into ``out``."""
+        return self._issue("scatter", out, lambda: self._scatter(out, chunks, src), False)
+
+    def barrier(self) -> None:
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    def _issue(self, kind, tensor, launch, async_op):
+        self.seq += 1
+        rec = CollectiveRecord(kind, self.name, tensor.numel() * tensor.element_size(), self.seq,
+                               current_tag())
+        self.last_entered = rec
+        t0 = time.perf_counter()
+        work = launch()
+        record(rec, 0.0 if async_op else time.perf_counter() - t0)
+        return work
+
+    @abstractmethod
+    def _all_reduce(self, tensor, async_op): ...
+
+    @abstractmethod
+    def _all_gather(self, out, tensor, async_op): ...
+
+    @abstractmethod
+    def _reduce_scatter(self, out, tensor, async_op): ...
+
+    @abstractmethod
+    def _all_to_all(self, out, tensor, async_op): ...
+
+    @abstractmethod
+    def _broadcast(self, tensor, src): ...
+
+    @abstractmethod
+    def _scatter(self, out, chunks, src): ...
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name}: rank {self.rank} of {self.size})"
+
+
+# torch 2.13 renamed the tensor collectives; older releases have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class TorchCommunicator(Communicator):
+    """A ``torch.distributed`` process group (NCCL on GPU, gloo on CPU).
+
+    ``native_reduce_scatter=False`` replaces reduce-scatter by an all-reduce and a
+    slice: older gloo builds lack reduce-scatter, and the fallback is tested on
+    every build. ``None`` (the default) tries the native op and falls back for good
+    the first time the backend refuses it.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, name: str, device: torch.device, *,
+                 native_reduce_scatter: bool | None = None):
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), name)
+        self.group = group
+        self.global_ranks = dist.get_process_group_ranks(group)
+        self.native_reduce_scatter = native_reduce_scatter
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _all_reduce(self, tensor, async_op):
+        return dist.all_reduce(tensor, group=self.group, async_op=async_op)
+
+    def _all_gather(self, out, tensor, async_op):
+        return _all_gather_single(out, tensor, group=self.group, async_op=async_op)
+
+    def _reduce_scatter(self, out, tensor, async_op):
+        if self.native_reduce_scatter is not False:
+            try:
+                return _reduce_scatter_single(out, tensor, group=self.group, async_op=async_op)
+            except (RuntimeError, NotImplementedError):
+                if self.native_reduce_scatter:
+                    raise
+                self.native_reduce_scatter = False
+        summed = tensor.clone()
+        dist.all_reduce(summed, group=self.group)
+        out.copy_(summed.chunk(self.size)[self.rank])
+        return _Done() if async_op else None
+
+    def _all_to_all(self, out, tensor, async_op):
+        return dist.all_to_all_single(out, tensor, group=self.group, async_op=async_op)
+
+    def _broadcast(self, tensor, src):
+        dist.broadcast(tensor, src=self.global_ranks[src], group=self.group)
+
+    def _scatter(self, out, chunks, src):
+        if self.rank != src:
+            chunks = None
+        elif chunks is not None:
+            chunks = [c.contiguous() for c in chunks]
+        dist.scatter(out, chunks, src=self.global_ranks[src], group=self.group)
+
+
+class _Done:
+    """The handle of an op that already finished."""
+
+    def wait(self):
+        return True

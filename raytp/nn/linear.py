@@ -1,0 +1,223 @@
+"""Column- and row-parallel linear layers (Megatron-LM, section 3).
+
+A column-parallel layer splits the weight's output rows over the TP group, so
+each rank produces a slice of the output features and the forward pass needs no
+communication. A row-parallel layer splits the input columns, so each rank
+produces a partial sum that one all-reduce completes. Column then row is an MLP
+with one all-reduce forward and one backward.
+
+Each parameter is stored either sharded (this rank's slice only, the default) or
+replicated (the whole parameter on every rank; the rank computes with its slice,
+and the gradient, nonzero on that slice only, is summed over the TP group by
+:func:`raytp.sync_grads` before the optimizer step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytp.comm import ops
+from raytp.comm.functional import check_divisible
+from raytp.mesh import DeviceMesh
+from raytp.params import ParamSpec, get_spec, materialize_, set_spec
+from raytp.placement import Replicate, Shard, as_placement
+
+
+class _TPLinear(nn.Module):
+    """Parameters, their layout and initialization; subclasses add ``forward``."""
+
+    shard_dim: int  # the weight dim split over the TP group
+
+    def __init__(self, in_features, out_features, mesh, bias, blocks, device, dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mesh = mesh
+        tp = mesh.tp_size
+        weight_shape = torch.Size((out_features, in_features))
+        split = weight_shape[self.shard_dim]
+        blocks = tuple(blocks) if blocks else (split,)
+        if sum(blocks) != split:
+            raise ValueError(f"blocks {blocks} must add up to {split}")
+        name = "out_features" if self.shard_dim == 0 else "in_features"
+        for size in blocks:
+            check_divisible(size, tp, name if len(blocks) == 1 else f"{name} block")
+        self.blocks = blocks
+        # the sharded layout of each parameter; a replicated one is sliced by it in forward
+        self.weight_layout = ParamSpec(Shard(self.shard_dim), weight_shape, tp,
+                                       tuple((b, tp) for b in blocks))
+        self.factory = {"device": device, "dtype": dtype}
+
+    def _bias_layout(self, blocks) -> ParamSpec:
+        tp = self.mesh.tp_size
+        return ParamSpec(Shard(0), torch.Size((self.out_features,)), tp,
+                         tuple((b, tp) for b in blocks))
+
+    def _register(self, name, shape, placement, allowed, layout=None, grad_reduce=None):
+        """Create parameter ``name`` of global ``shape``: replicated, or sharded by ``layout``
+        (built lazily: a size tp does not divide matters only when it is sharded)."""
+        placement = as_placement(placement)
+        if placement not in allowed:
+            raise ValueError(f"{type(self).__name__}.{name}: placement {placement} is not one "
+                             f"of {allowed}")
+        if isinstance(placement, Replicate):
+            spec = ParamSpec(Replicate(), torch.Size(shape), self.mesh.tp_size,
+                             grad_reduce=grad_reduce)
+            local_shape = shape
+        else:
+            spec = layout()
+            local_shape = list(shape)
+            local_shape[spec.placement.dim] //= spec.tp_size
+        param = nn.Parameter(torch.empty(local_shape, **self.factory))
+        self.register_parameter(name, set_spec(param, spec))
+
+    def _finish_init(self):
+        del self.factory
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def _sliced(self, param: torch.Tensor, layout: ParamSpec) -> torch.Tensor:
+        """The part of ``param`` this rank computes with (differentiable)."""
+        if isinstance(get_spec(param).placement, Replicate):
+            return layout.shard(param, self.mesh.tp_rank)
+        return param
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialization of the full weight, then this rank's part: with
+        the same RNG state on every rank, tp=N holds exactly the shards of tp=1's weights."""
+        device, dtype = self.weight.device, self.weight.dtype
+        weight = torch.empty(self.out_features, self.in_features, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bias = None
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            bias = nn.init.uniform_(torch.empty(self.out_features, device=device, dtype=dtype),
+                                    -bound, bound)
+        self.load_full_(weight, bias)
+
+    @torch.no_grad()
+    def load_full_(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """Set the parameters from full (unsharded) tensors, keeping this rank's part."""
+        for param, full in ((self.weight, weight), (self.bias, bias)):
+            if full is None:
+                continue
+            spec = get_spec(param)
+            if tuple(full.shape) != tuple(spec.global_shape):
+                raise ValueError(f"full shape {tuple(full.shape)} != {tuple(spec.global_shape)}")
+            param.copy_(spec.shard(full.to(param.device), self.mesh.tp_rank))
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mesh: DeviceMesh, **kwargs):
+        """A TP layer holding this rank's part of ``linear``'s own weights."""
+        layer = cls(linear.in_features, linear.out_features, mesh=mesh,
+                    bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype, **kwargs)
+        materialize_(layer, linear.weight.device)
+        return layer.load_full_(linear.weight, linear.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"tp={self.mesh.tp_size}, bias={self.bias is not None}")
+
+
+class ColumnParallelLinear(_TPLinear):
+    """``y = x W^T + b`` with W's output rows split over the TP group.
+
+    Input (..., in_features), replicated. Weight (out_features_per_rank, in_features)
+    per rank. Output (..., out_features_per_rank), sharded on the last dim; or
+    (..., out_features), replicated, with ``gather_output``.
+    ``blocks`` cuts out_features into fused sub-blocks (gate and up, or Q, K and V),
+    each sharded on its own, so the local output is [block 0 slice | block 1 slice | ...].
+    Weight and bias are stored ``Shard(0)`` (default) or ``Replicate()``.
+    Collectives: forward none (an all-gather with ``gather_output``); backward one
+    all-reduce of the input gradient.
+    """
+
+    shard_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
+                 gather_output: bool = False, blocks=None, weight_placement=Shard(0),
+                 bias_placement=Shard(0), device=None, dtype=None):
+        super().__init__(in_features, out_features, mesh, bias, blocks, device, dtype)
+        if gather_output and len(self.blocks) > 1:
+            raise ValueError("gather_output would interleave fused blocks; gather each block instead")
+        self.gather_output = gather_output
+        allowed = (Shard(0), Replicate())
+        self._register("weight", (out_features, in_features), weight_placement, allowed,
+                       lambda: self.weight_layout, mesh.tp_comm)
+        if bias:
+            self.bias_layout = self._bias_layout(self.blocks)
+            self._register("bias", (out_features,), bias_placement, allowed,
+                           lambda: self.bias_layout, mesh.tp_comm)
+        else:
+            self.register_parameter("bias", None)
+        self._finish_init()
+
+    @property
+    def out_features_per_rank(self) -> int:
+        return self.out_features // self.mesh.tp_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp = self.mesh.tp_comm
+        x = ops.copy_to(x, tp)
+        bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
+        y = F.linear(x, self._sliced(self.weight, self.weight_layout), bias)
+        return ops.gather_from(y, tp, -1) if self.gather_output else y
+
+
+class RowParallelLinear(_TPLinear):
+    """``y = x W^T + b`` with W's input columns split over the TP group.
+
+    Input (..., in_features_per_rank), sharded on the last dim; or (..., in_features),
+    replicated, with ``input_is_parallel=False`` (sliced here). Weight
+    (out_features, in_features_per_rank) per rank, stored ``Shard(1)`` (default) or
+    ``Replicate()``. Output (..., out_features), replicated, the bias added once
+    after the reduction; the bias is stored ``Replicate()`` (default) or ``Shard(0)``
+    (gathered in forward). With ``reduce_output=False`` the output is left a partial
+    sum (Partial) for the caller to reduce, fused or later; the bias is then added on
+    TP rank 0 only, so that the sum is still right.
+    Collectives: forward one all-reduce (none with ``reduce_output=False``, one
+    all-gather more for a sharded bias); backward none (an all-gather with
+    ``input_is_parallel=False``).
+    """
+
+    shard_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
+                 input_is_parallel: bool = True, reduce_output: bool = True,
+                 weight_placement=Shard(1), bias_placement=Replicate(), device=None, dtype=None):
+        super().__init__(in_features, out_features, mesh, bias, None, device, dtype)
+        self.input_is_parallel, self.reduce_output = input_is_parallel, reduce_output
+        self._register("weight", (out_features, in_features), weight_placement,
+                       (Shard(1), Replicate()), lambda: self.weight_layout, mesh.tp_comm)
+        if bias:
+            if not reduce_output and as_placement(bias_placement) != Replicate():
+                raise ValueError("RowParallelLinear: reduce_output=False needs a Replicate() bias")
+            # Only rank 0 adds the bias to a partial output, so the others need its gradient.
+            self._register("bias", (out_features,), bias_placement, (Replicate(), Shard(0)),
+                           lambda: self._bias_layout((out_features,)),
+                           None if reduce_output else mesh.tp_comm)
+        else:
+            self.register_parameter("bias", None)
+        self._finish_init()
+
+    @property
+    def in_features_per_rank(self) -> int:
+        return self.in_features // self.mesh.tp_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp = self.mesh.tp_comm
+        if not self.input_is_parallel:
+            x = ops.scatter_to(x, tp, -1)
+        y = F.linear(x, self._sliced(self.weight, self.weight_layout))
+        if not self.reduce_output:
+            return y + self.bias if self.bias is not None and tp.rank == 0 else y
+        y = ops.reduce_from(y, tp)
+        if self.bias is None:
+            return y
+        sharded = isinstance(get_spec(self.bias).placement, Shard)
+        return y + (ops.gather_from(self.bias, tp, 0) if sharded else self.bias)

@@ -1,0 +1,43 @@
+"""The transformer MLP block: column-parallel up projection, row-parallel down."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytp.mesh import DeviceMesh
+from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+class ParallelMLP(nn.Module):
+    """``fc_out(act(fc_in(x)))`` with the ffn dimension split over the TP group.
+
+    Input and output (..., hidden), replicated; the (..., ffn / tp) activation in
+    between stays on its rank. ``activation="swiglu"`` fuses the gate and up
+    projections into one column-parallel GEMM (blocks [gate | up]) and computes
+    ``silu(gate) * up``. Collectives: forward one all-reduce; backward one all-reduce.
+    """
+
+    def __init__(self, hidden: int, ffn: int, *, mesh: DeviceMesh, activation: str = "gelu",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
+        self.activation = activation
+        fused = activation == "swiglu"
+        factory = {"mesh": mesh, "bias": bias, "device": device, "dtype": dtype}
+        self.fc_in = ColumnParallelLinear(hidden, 2 * ffn if fused else ffn,
+                                          blocks=(ffn, ffn) if fused else None, **factory)
+        self.fc_out = RowParallelLinear(ffn, hidden, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)  # (..., ffn_per_rank), or (..., 2 * ffn_per_rank) fused
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc_out(h)

@@ -1,0 +1,138 @@
+"""Gradient synchronization, the global gradient norm, and optimizer specs.
+
+The order of a training step on every rank is::
+
+    loss.backward()
+    raytp.sync_grads(model, mesh)            # partial grads over TP, mean over DP
+    raytp.clip_grad_norm_(model.parameters(), 1.0, mesh)
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from raytp.comm.backend import Communicator
+from raytp.mesh import DeviceMesh
+from raytp.params import get_spec, grad_reduce_groups, sumsq_once
+
+
+def _params(params) -> list[torch.Tensor]:
+    if isinstance(params, nn.Module):
+        return list(params.parameters())
+    if isinstance(params, torch.Tensor):
+        return [params]
+    return list(params)
+
+
+@torch.no_grad()
+def _all_reduce_coalesced(tensors: list[torch.Tensor], comm: Communicator, scale: float = 1.0):
+    """Sum ``tensors`` over ``comm`` in place, one collective per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        comm.all_reduce(flat)
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.copy_(part.view_as(t))
+
+
+def sync_grads(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> None:
+    """Make every gradient whole before the optimizer step.
+
+    1. Gradients that are partial sums over the TP group (replicated parameters used
+       through a slice, key/value heads shared by several ranks, norms under
+       sequence parallelism) are summed over the group their spec names.
+    2. With dp > 1, every gradient is averaged over the DP group.
+
+    Collectives: one all-reduce per group and dtype. Every rank must call it.
+    """
+    params = _params(params)
+    for comm, group in grad_reduce_groups(params).items():
+        for p in group:
+            if p.grad is None:  # this rank did not use it; its share of the sum is zero
+                p.grad = torch.zeros_like(p)
+        if comm.size > 1:
+            _all_reduce_coalesced([p.grad for p in group], comm)
+    if mesh.dp_size > 1:
+        grads = [p.grad for p in params if p.grad is not None]
+        _all_reduce_coalesced(grads, mesh.dp_comm, scale=1.0 / mesh.dp_size)
+
+
+@torch.no_grad()
+def grad_norm(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> torch.Tensor:
+    """The 2-norm of all gradients of the full model, the same on every rank.
+
+    Sharded gradients add their squares over the TP group; replicated ones count
+    once. Collectives: one all-reduce over the TP group.
+    """
+    params = [p for p in _params(params) if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32, device=mesh.device)
+    for p in params:
+        total += sumsq_once(p.grad, get_spec(p), mesh.tp_size).to(total.device)
+    if mesh.tp_size > 1:
+        mesh.tp_comm.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: nn.Module | Iterable[torch.Tensor], max_norm: float,
+                    mesh: DeviceMesh) -> torch.Tensor:
+    """Scale the gradients so that their global norm is at most ``max_norm``; return
+    the norm before clipping (as ``torch.nn.utils.clip_grad_norm_`` does on one device)."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm={max_norm} must be positive")
+    params = [p for p in _params(params) if p.grad is not None]
+    norm = grad_norm(params, mesh)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return norm
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Picklable spec of ``torch.optim.SGD``, built on each rank over its local shards."""
+
+    lr: float = 1e-2
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        _check_hparams(self)
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return torch.optim.SGD(_params(params), **asdict(self))
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """Picklable spec of ``torch.optim.AdamW``, built on each rank over its local shards."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def __post_init__(self):
+        _check_hparams(self)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must each be in [0, 1)")
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(_params(params), **asdict(self))
+
+
+def _check_hparams(spec) -> None:
+    for name in ("lr", "weight_decay", "momentum", "eps"):
+        value = getattr(spec, name, 0.0)
+        if not value >= 0.0:  # also catches NaN
+            raise ValueError(f"{type(spec).__name__}: {name}={value} must be >= 0")
