@@ -1,0 +1,5 @@
+"""The Ray processes of raytp: one ``RankActor`` per rank."""
+
+from actors.rank import RankActor
+
+__all__ = ["RankActor"]

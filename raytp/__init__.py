@@ -13,9 +13,24 @@ from raytp.placement import Partial, Replicate, Shard
 
 __version__ = "0.1.0"
 
+_DRIVER = {"TPCluster", "RankError", "PhaseTimeout", "ClusterResourceError"}
+
+
+def __getattr__(name):
+    # The driver needs Ray; import it only when asked, so that the core stays Ray-free.
+    if name in _DRIVER:
+        import raytp.driver
+
+        return getattr(raytp.driver, name)
+    raise AttributeError(f"module 'raytp' has no attribute {name!r}")
+
 __all__ = [
     "SGD",
     "AdamW",
+    "ClusterResourceError",
+    "PhaseTimeout",
+    "RankError",
+    "TPCluster",
     "DTensor",
     "DeviceMesh",
     "Partial",

@@ -1,0 +1,275 @@
+"""``TPCluster``: the driver side of raytp."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import ray
+
+from raytp.driver import launch
+from raytp.driver.progress import fit_loop
+from raytp.metrics import summarize_step
+from raytp.optim import AdamW
+
+log = logging.getLogger(__name__)
+
+_open: weakref.WeakSet = weakref.WeakSet()
+
+
+class Pending:
+    """One call submitted to every rank.
+
+    ``result()`` waits for every rank and returns the phase's result: the per-rank
+    results in rank order, or what ``finish`` makes of them (a training step's
+    cluster-wide summary, an evaluation's mean over DP groups). A rank's failure is a
+    :class:`~raytp.driver.errors.RankError` naming the rank and the phase.
+    """
+
+    def __init__(self, refs: list, phase: str, timeout_s: float | None,
+                 finish: Callable[[list], Any] | None = None):
+        self.refs, self.phase, self.timeout_s = refs, phase, timeout_s
+        self._finish = finish
+        self._done = False
+        self._value: Any = None
+
+    def result(self) -> Any:
+        if not self._done:
+            results = launch.wait_all(self.refs, self.phase, self.timeout_s)
+            self._value = self._finish(results) if self._finish else results
+            self._done = True
+        return self._value
+
+    def done(self) -> bool:
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        return len(ready) == len(self.refs)
+
+
+class TPCluster:
+    """``tp x dp`` rank actors on a Ray cluster, one per GPU (or CPU rank), and the
+    phases of training on them.
+
+    Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
+    process is in) or starts an embedded local one. Raises a clear error within
+    ``timeout_s`` when the cluster cannot place the ranks. Use it as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self, tp: int = 2, dp: int = 1, *, device: str = "auto", backend: str = "auto",
+                 address: str | None = None, timeout_s: float = 120.0,
+                 phase_timeout_s: float | None = 600.0, log_level: int | str = logging.INFO):
+        for name, value in (("tp", tp), ("dp", dp)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend={backend!r} must be 'auto' or 'torch'")
+        self.tp, self.dp, self.world_size = tp, dp, tp * dp
+        self.timeout_s, self.phase_timeout_s = timeout_s, phase_timeout_s
+        self.actors: list = []
+        self._pg = None
+        self._built = False
+        self._rows: list[dict] = []
+        self._history: list[dict] = []
+        self._unread: list[Pending] = []
+        self._owns_ray = launch.connect(address)
+        _open.add(self)
+        try:
+            self.device = launch.resolve_device(device, self.world_size)
+            self._pg = launch.reserve(tp, dp, self.device, timeout_s)
+            self.actors, self.nodes = launch.start_actors(self._pg, tp, dp, self.device,
+                                                          logging._checkLevel(log_level))
+            launch.rendezvous(self.actors, tp, dp, self.device, self.nodes[0]["ip"], timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        log.info("TPCluster ready: tp=%d dp=%d on %s", tp, dp, self.device)
+
+    # -- building -------------------------------------------------------------------
+
+    def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
+              optimizer=None, seed: int = 0, max_grad_norm: float | None = None) -> dict:
+        """Build the model shard on every rank.
+
+        ``model`` is a raytp model config (with ``build(mesh, device)``) or a picklable
+        zero-argument callable returning a plain ``nn.Module``, parallelized on each
+        rank with ``plan`` (see :func:`raytp.parallelize`). ``loss_fn(model, batch)``
+        returns a scalar loss, or ``(loss, extra_metrics)``; by default the model's own
+        ``loss(batch)``, or cross-entropy of ``model(batch["x"])`` against ``batch["y"]``.
+        ``optimizer`` is an optimizer spec (default ``raytp.AdamW()``). Every rank seeds
+        torch with ``seed`` first, so tp=N holds exactly the shards of tp=1's weights.
+        """
+        optimizer = optimizer if optimizer is not None else AdamW()
+        if not (hasattr(model, "build") or callable(model)):
+            raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
+                            f"got {type(model).__name__}")
+        for name, value in (("model", model), ("loss_fn", loss_fn), ("plan", plan),
+                            ("optimizer", optimizer)):
+            _check_picklable(name, value)
+        refs = [a.build.remote(model, plan, loss_fn, optimizer, seed, max_grad_norm)
+                for a in self.actors]
+        infos = launch.wait_all(refs, "build", self.phase_timeout_s)
+        self._built = True
+        return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos]}
+
+    # -- phases -----------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Any]) -> Pending:
+        """Submit the forward pass (loss) on every rank; returns at once."""
+        return self._submit("forward", self._put_batch(batch))
+
+    def backward(self) -> Pending:
+        return self._submit("backward")
+
+    def step(self) -> Pending:
+        """Submit gradient sync and the optimizer step; its result is the step's metrics."""
+        return self._submit("step", finish=self._record)
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict:
+        """Forward, backward and step on every rank (one call per rank); the step's summary."""
+        return self.submit_train_step(batch).result()
+
+    def submit_train_step(self, batch: Mapping[str, Any]) -> Pending:
+        return self._submit("train_step", self._put_batch(batch), finish=self._record)
+
+    def evaluate(self, batch: Mapping[str, Any]) -> dict:
+        """Loss (and the loss function's extras) without gradients, averaged over DP groups."""
+        return self.submit_evaluate(batch).result()
+
+    def submit_evaluate(self, batch: Mapping[str, Any]) -> Pending:
+        return self._submit("evaluate", self._put_batch(batch), finish=self._mean_over_dp)
+
+    def _mean_over_dp(self, results: list[dict]) -> dict:
+        leaders = results[:: self.tp]
+        return {k: float(np.mean([r[k] for r in leaders])) for k in leaders[0]}
+
+    def run(self, method: str | Callable, *args, per_rank_args: list[tuple] | None = None) -> list:
+        """Call ``method`` on every rank and return the results in rank order.
+
+        ``method`` names a :class:`~actors.RankActor` method, or is a picklable
+        function called as ``fn(actor, *args)``. The same ``args`` go to every rank;
+        per-rank arguments are given explicitly, one tuple per rank, as ``per_rank_args``.
+        """
+        if per_rank_args is not None and len(per_rank_args) != self.world_size:
+            raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for "
+                             f"{self.world_size} ranks")
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            rank_args = tuple(per_rank_args[rank]) if per_rank_args is not None else args
+            if callable(method):
+                refs.append(actor.call.remote(method, *rank_args))
+            else:
+                refs.append(getattr(actor, method).remote(*rank_args))
+        return launch.wait_all(refs, getattr(method, "__name__", str(method)), self.phase_timeout_s)
+
+    def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
+            eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
+            progress: bool = True) -> list[dict]:
+        """Train on ``batches`` (at most ``steps`` of them) with a progress bar showing the
+        step, the loss and the throughput; evaluate ``eval_batch`` every ``eval_every``
+        steps. Step k+1 is submitted before step k's metrics are read, so the ranks never
+        wait for the driver. Returns the per-step history."""
+        return fit_loop(self, batches, steps=steps, eval_batch=eval_batch, eval_every=eval_every,
+                        progress=progress)
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def metrics(self) -> list[dict]:
+        """Every step's metrics on every rank, as rows with a ``rank`` column."""
+        self._drain()
+        return list(self._rows)
+
+    @property
+    def history(self) -> list[dict]:
+        """One summary per step: loss, slowest rank's step time, throughput, memory."""
+        self._drain()
+        return list(self._history)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _submit(self, phase: str, batch_refs: list | None = None, finish=None) -> Pending:
+        if not self.actors:
+            raise RuntimeError("this TPCluster is closed")
+        if not self._built:
+            raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
+        args = [(ref,) for ref in batch_refs] if batch_refs is not None else [()] * self.world_size
+        refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
+        pending = Pending(refs, phase, self.phase_timeout_s, finish)
+        if finish == self._record:  # a training step: its metrics join the history when read
+            self._unread.append(pending)
+        return pending
+
+    def _record(self, results: list[dict]) -> dict:
+        self._rows.extend({**row, "rank": rank} for rank, row in enumerate(results))
+        self._history.append(summarize_step(results, self.tp))
+        return self._history[-1]
+
+    def _drain(self) -> None:
+        while self._unread:
+            self._unread.pop(0).result()
+
+    def _put_batch(self, batch: Mapping[str, Any]) -> list:
+        """One object-store copy per DP group; every rank of a TP group gets the same ref."""
+        arrays = _as_arrays(batch)
+        n = next(iter(arrays.values())).shape[0]
+        if n % self.dp:
+            raise ValueError(f"batch size {n} is not divisible by dp={self.dp}")
+        per_group = n // self.dp
+        refs = [ray.put({k: v[d * per_group:(d + 1) * per_group] for k, v in arrays.items()})
+                for d in range(self.dp)]
+        return [refs[rank // self.tp] for rank in range(self.world_size)]
+
+    def close(self) -> None:
+        """Kill the rank actors and free the placement group (and Ray, if this started it)."""
+        launch.teardown(self.actors, self._pg)
+        self.actors, self._pg = [], None
+        _open.discard(self)
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> TPCluster:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def __repr__(self):
+        state = "closed" if not self.actors else self.device
+        return f"TPCluster(tp={self.tp}, dp={self.dp}, {state})"
+
+
+def _as_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(batch, Mapping) or not batch:
+        raise ValueError(f"a batch is a non-empty dict of arrays, got {batch!r:.80}")
+    arrays = {}
+    for key, value in batch.items():
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        arrays[key] = np.asarray(value)
+        if arrays[key].ndim == 0:
+            raise ValueError(f"batch[{key!r}] is a scalar; every entry needs a batch dimension")
+    sizes = {k: a.shape[0] for k, a in arrays.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch entries have different batch sizes: {sizes}")
+    if 0 in sizes.values():
+        raise ValueError("the batch is empty")
+    return arrays
+
+
+def _check_picklable(name: str, value) -> None:
+    try:
+        ray.cloudpickle.dumps(value)
+    except Exception as e:  # noqa: BLE001 - pickling raises anything
+        raise TypeError(f"{name} cannot be pickled, so it cannot be sent to the ranks: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_open):
+        cluster.close()

@@ -1,0 +1,142 @@
+"""Bringing up the ranks: connect to Ray, reserve a placement group, start one actor
+per rank, order them, and join them into one torch.distributed world."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors import RankActor
+from raytp.driver.errors import ClusterResourceError, PhaseTimeout, RankError
+
+log = logging.getLogger(__name__)
+
+CPU_PER_CPU_RANK = 0.01  # CPU ranks share cores: a 2-core machine runs 4 of them
+
+
+def connect(address: str | None) -> bool:
+    """Connect to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
+    process is already in, as inside a ``ray job submit`` entrypoint), or start an
+    embedded local one. Returns True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return False
+    log.info("no Ray cluster given: starting an embedded local one")
+    ray.init(include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": _inherited_env()})
+    return True
+
+
+def _inherited_env() -> dict[str, str]:
+    # Keep NVLink multicast off in the ranks too when the driver has it off.
+    keys = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def resolve_device(device: str, world_size: int) -> str:
+    """'cuda' or 'cpu'; 'auto' picks CUDA when the cluster has a GPU for every rank."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device == "auto":
+        device = "cuda" if gpus >= world_size else "cpu"
+        log.info("device='auto': %s (%d GPUs in the cluster for %d ranks)", device, gpus, world_size)
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} must be 'auto', 'cuda' or 'cpu'")
+    if device == "cuda" and gpus < world_size:
+        raise ClusterResourceError(f"device='cuda' needs {world_size} GPUs; the cluster has {gpus}")
+    return device
+
+
+def reserve(tp: int, dp: int, device: str, timeout_s: float):
+    """One bundle per TP group, so that a TP group never spans nodes."""
+    per_rank = {"GPU": 1.0, "CPU": 1.0} if device == "cuda" else {"CPU": CPU_PER_CPU_RANK}
+    bundles = [{k: v * tp for k, v in per_rank.items()} for _ in range(dp)]
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        raise ClusterResourceError(
+            f"could not place tp={tp} x dp={dp} ranks ({dp} bundles of {bundles[0]}) within "
+            f"{timeout_s:g}s; the cluster has {ray.available_resources()} available of "
+            f"{ray.cluster_resources()}")
+    return pg
+
+
+def start_actors(pg, tp: int, dp: int, device: str, log_level: int) -> list:
+    """The rank actors, in rank order: by DP group, then by GPU id within the node."""
+    cls = ray.remote(RankActor)
+    handles = [
+        cls.options(
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=1 if device == "cuda" else CPU_PER_CPU_RANK,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=d),
+        ).remote(d, slot, log_level)
+        for d in range(dp) for slot in range(tp)
+    ]
+    infos = wait_all([h.node_info.remote() for h in handles], "start", timeout_s=300)
+    order = sorted(range(len(handles)), key=lambda i: (i // tp, infos[i]["gpu_ids"], i))
+    return [handles[i] for i in order], [infos[i] for i in order]
+
+
+def rendezvous(actors: list, tp: int, dp: int, device: str, master_ip: str,
+               timeout_s: float) -> list[str]:
+    """Rank 0 gives a free port on its node; every rank joins concurrently."""
+    port = wait_all([actors[0].free_port.remote()], "rendezvous", timeout_s)[0]
+    refs = [a.join.remote(rank, len(actors), tp, dp, (master_ip, port), device, timeout_s)
+            for rank, a in enumerate(actors)]
+    return wait_all(refs, "rendezvous", timeout_s)
+
+
+def wait_all(refs: list, phase: str, timeout_s: float | None) -> list:
+    """Results of one call per rank, in rank order. The first failure raises a
+    :class:`RankError` naming its rank; ranks missing at the deadline, a
+    :class:`PhaseTimeout` naming them."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            raise PhaseTimeout(phase, sorted(rank_of[r] for r in pending), timeout_s)
+        ref = ready[0]
+        results[rank_of[ref]] = get_one(ref, rank_of[ref], phase)
+    return results
+
+
+def get_one(ref, rank: int, phase: str):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        err = RankError(rank, phase, f"{type(cause).__name__}: {cause}", str(e))
+        err.cause = cause
+        raise err from None
+    except ray.exceptions.RayActorError as e:
+        raise RankError(rank, phase, f"the rank's actor died ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def teardown(actors: list, pg, grace_s: float = 5.0) -> None:
+    """Ask every rank to leave its group, then kill the actors and free the placement group."""
+    if actors:
+        # a dead actor cannot shut down; it is killed next either way
+        with contextlib.suppress(Exception):
+            ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=grace_s)
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    if pg is not None:
+        remove_placement_group(pg)

@@ -1,0 +1,173 @@
+"""One rank's training state and phases: what a rank actor (or a torchrun script) drives.
+
+``RankEngine`` holds the model shard, the optimizer and the loss function, and
+runs the phases of a step — forward, backward, optimizer step — returning a small
+metrics dict from each. It knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytp.comm import count_collectives
+from raytp.mesh import DeviceMesh
+from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
+from raytp.optim import clip_grad_norm_, grad_norm, sync_grads
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]):
+    """``model.loss(batch)`` when the model has one; else cross-entropy of ``model(x)``
+    against ``y``, with the accuracy as an extra metric."""
+    if hasattr(model, "loss"):
+        return model.loss(batch)
+    if "x" not in batch or "y" not in batch:
+        raise ValueError(f"the default loss needs batch keys 'x' and 'y' (got {sorted(batch)}); "
+                         "pass loss_fn=... to build()")
+    logits = model(batch["x"])
+    loss = F.cross_entropy(logits, batch["y"])
+    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).float().mean().item()}
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors on ``device`` from a dict of numpy arrays or CPU tensors."""
+    if not isinstance(batch, Mapping) or not batch:
+        raise ValueError(f"a batch is a non-empty dict of arrays, got {type(batch).__name__}")
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.array(value))  # the object store's arrays are read-only
+        elif not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        out[key] = value.to(device, non_blocking=True)
+    return out
+
+
+def batch_items(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(samples, tokens) in a batch: tokens are the elements of ``input_ids`` if present."""
+    first = next(iter(batch.values()))
+    samples = int(first.shape[0]) if first.dim() else 1
+    ids = batch.get("input_ids")
+    return samples, int(ids.numel()) if ids is not None else samples
+
+
+class RankEngine:
+    """The phases of training on one rank.
+
+    ``forward(batch)`` computes the loss and keeps the graph; ``backward()``
+    back-propagates; ``step()`` syncs gradients (TP partial sums, DP mean), clips
+    them to ``max_grad_norm`` and steps the optimizer, then returns the metrics of the
+    whole step. ``evaluate(batch)`` runs the forward without gradients.
+    """
+
+    def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None):
+        self.mesh, self.model, self.optimizer = mesh, model, optimizer
+        self.loss_fn = loss_fn or default_loss
+        self.max_grad_norm = max_grad_norm
+        self.flops_per_item = flops_per_item(model)
+        self.timer = PhaseTimer(mesh.device)
+        self.step_count = 0
+        self._loss: torch.Tensor | None = None
+        self._pending: dict[str, Any] = {}
+        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
+
+    def _compute_loss(self, batch):
+        out = self.loss_fn(self.model, batch)
+        loss, extras = out if isinstance(out, tuple) else (out, {})
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"the loss function must return a scalar tensor, got {loss!r}")
+        return loss, extras
+
+    @contextmanager
+    def _phase(self, name: str):
+        """Time the phase and count its collectives into this step's totals."""
+        with self.timer.phase(name), count_collectives() as counter:
+            yield
+        self._comm["comm_bytes"] += counter.total_bytes
+        self._comm["comm_s"] += counter.seconds
+        self._comm["collectives"] += counter.count()
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self.optimizer is None:
+            raise RuntimeError("forward() before build(): this rank holds no model")
+        reset_peak_memory(self.mesh.device)
+        self.model.train()
+        batch = to_device(batch, self.mesh.device)
+        with self._phase("forward"):
+            self._loss, extras = self._compute_loss(batch)
+        self._pending.update(batch_items=batch_items(batch), extras=extras)
+        return {"phase": "forward"}
+
+    def backward(self) -> dict[str, Any]:
+        if self._loss is None:
+            raise RuntimeError("backward() without a forward(): call forward(batch) first")
+        with self._phase("backward"):
+            self._loss.backward()
+        return {"phase": "backward"}
+
+    def step(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            raise RuntimeError("step() before build(): this rank holds no model or optimizer")
+        if self._loss is None:
+            raise RuntimeError("step() without forward() and backward()")
+        with self._phase("optim"):
+            sync_grads(self.model, self.mesh)
+            params = self.model.parameters()
+            norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
+                    else grad_norm(params, self.mesh))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics = self._step_metrics(norm)
+        self._loss, self._pending = None, {}
+        self.step_count += 1
+        return metrics
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        self.forward(batch)
+        self.backward()
+        return self.step()
+
+    @torch.no_grad()
+    def evaluate(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self.optimizer is None:
+            raise RuntimeError("evaluate() before build(): this rank holds no model")
+        self.model.eval()
+        loss, extras = self._compute_loss(to_device(batch, self.mesh.device))
+        return {"loss": loss.item(), **extras}
+
+    def _step_metrics(self, norm) -> dict[str, Any]:
+        seconds = self.timer.collect()
+        step_s = sum(seconds.values())
+        samples, tokens = self._pending["batch_items"]
+        items = tokens if tokens != samples else samples
+        rates = throughput(items, step_s, self.flops_per_item, self.mesh.tp_size, self.mesh.device)
+        metrics = {
+            "step": self.step_count,
+            "loss": self._loss.item(),
+            "step_s": step_s,
+            **{f"{name}_s": s for name, s in seconds.items()},
+            "samples": samples,
+            "tokens": tokens,
+            "samples_per_s": samples / step_s if step_s > 0 else None,
+            "tokens_per_s": tokens / step_s if step_s > 0 else None,
+            "tflops": rates["tflops"],
+            "mfu": rates["mfu"],
+            "grad_norm": norm.item(),
+            "peak_mem_bytes": peak_memory_bytes(self.mesh.device),
+            **self._comm,
+            **self._pending["extras"],
+        }
+        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
+        return metrics

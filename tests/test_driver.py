@@ -1,0 +1,194 @@
+"""TPCluster end to end on CPU ranks in a local Ray: parity with one process, pipelined
+phases, metrics, and the errors a user meets first."""
+
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import raytp
+from raytp.driver import ClusterResourceError, RankError
+
+ray = pytest.importorskip("ray")
+
+PLAN = {"fc_in": "colwise", "fc_out": "rowwise"}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc_in = nn.Linear(12, 32, dtype=torch.float64)
+        self.fc_out = nn.Linear(32, 5, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc_out(torch.tanh(self.fc_in(x)))
+
+
+def make_batches(n_steps, batch_size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((batch_size, 12)), "y": rng.integers(0, 5, batch_size)}
+            for _ in range(n_steps)]
+
+
+def reference_losses(batches, optimizer, seed=0):
+    torch.manual_seed(seed)
+    model = Net()
+    opt = optimizer.build(model.parameters())
+    losses = []
+    for b in batches:
+        loss = F.cross_entropy(model(torch.from_numpy(b["x"])), torch.from_numpy(b["y"]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    # The rank actors cannot import this test module: send its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster2(ray_local):
+    with raytp.TPCluster(tp=2, device="cpu") as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("optimizer", [raytp.AdamW(lr=0.01), raytp.SGD(lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgd"])
+def test_tp2_losses_equal_one_process(cluster2, optimizer):
+    batches = make_batches(20)
+    cluster2.build(Net, plan=PLAN, optimizer=optimizer, seed=0)
+    losses = [cluster2.train_step(b)["loss"] for b in batches]
+    np.testing.assert_allclose(losses, reference_losses(batches, optimizer), rtol=1e-10)
+
+
+@pytest.mark.parametrize("tp,dp", [(4, 1), (2, 2)])
+def test_more_ranks_equal_one_process(ray_local, tp, dp):
+    batches = make_batches(20)
+    optimizer = raytp.AdamW(lr=0.01)
+    with raytp.TPCluster(tp=tp, dp=dp, device="cpu") as cluster:
+        cluster.build(Net, plan=PLAN, optimizer=optimizer, seed=0)
+        history = cluster.fit(batches, progress=False)
+        rows = cluster.metrics()
+    np.testing.assert_allclose([h["loss"] for h in history], reference_losses(batches, optimizer),
+                               rtol=1e-10)
+    assert len(rows) == 20 * tp * dp and {r["rank"] for r in rows} == set(range(tp * dp))
+    assert all(r["samples"] == 8 // dp for r in rows)  # each DP group got its own slice
+
+
+def test_metrics_rows_and_history(cluster2):
+    cluster2.build(Net, plan=PLAN, seed=0)
+    before = len(cluster2.history)
+    summary = cluster2.train_step(make_batches(1)[0])
+    assert len(cluster2.history) == before + 1
+    assert summary["step_s"] > 0 and summary["samples_per_s"] > 0 and summary["tflops"] > 0
+    assert summary["comm_bytes"] > 0
+    assert summary["peak_mem_bytes"] > 0 and 0.0 <= summary["accuracy"] <= 1.0
+    row = cluster2.metrics()[-1]
+    for key in ("forward_s", "backward_s", "optim_s", "comm_s", "collectives", "grad_norm", "mfu"):
+        assert key in row
+    # the row-parallel forward's all-reduce and the grad norm's; the input needs no gradient,
+    # so the column-parallel backward skips its all-reduce
+    assert row["collectives"] == 2 and row["mfu"] is None  # no MFU without a known GPU peak
+
+
+def test_phases_pipeline(cluster2):
+    """Submitting steps does not wait for them: the submit loop returns long before the work ends."""
+
+    def slow_loss(model, batch):
+        time.sleep(0.05)
+        return F.cross_entropy(model(batch["x"]), batch["y"])
+
+    cluster2.build(Net, plan=PLAN, loss_fn=slow_loss, seed=0)
+    batches = make_batches(20)
+    t0 = time.perf_counter()
+    pending = []
+    for b in batches:
+        cluster2.forward(b)
+        cluster2.backward()
+        pending.append(cluster2.step())
+    submitted = time.perf_counter() - t0
+    assert not pending[-1].done()
+    summaries = [p.result() for p in pending]
+    finished = time.perf_counter() - t0
+    assert finished > 20 * 0.05 and submitted < finished / 4, (submitted, finished)
+    assert [s["step"] for s in summaries] == list(range(summaries[0]["step"], summaries[0]["step"] + 20))
+
+
+def test_evaluate_and_run(cluster2):
+    cluster2.build(Net, plan=PLAN, seed=0)
+    result = cluster2.evaluate(make_batches(1)[0])
+    assert set(result) == {"loss", "accuracy"}
+    assert cluster2.run(lambda actor: actor.mesh.tp_rank) == [0, 1]
+    assert cluster2.run(lambda actor, k: actor.rank * k, 10) == [0, 10]
+    assert cluster2.run(lambda actor, k: k, per_rank_args=[(5,), (7,)]) == [5, 7]
+
+
+def test_step_before_build_and_unpicklable_factory(ray_local):
+    with raytp.TPCluster(tp=1, device="cpu") as cluster:
+        with pytest.raises(RuntimeError, match=r"step\(\) before build\(\)"):
+            cluster.step()
+        import threading
+
+        lock = threading.Lock()
+        with pytest.raises(TypeError, match="model cannot be pickled"):
+            cluster.build(lambda: (lock, Net())[1])
+
+
+def test_rank_raising_in_forward_is_named(ray_local):
+    def failing_loss(model, batch):
+        if model.fc_in.mesh.tp_rank == 1:
+            raise ValueError("bad batch on purpose")
+        return F.cross_entropy(model(batch["x"]), batch["y"])
+
+    with raytp.TPCluster(tp=2, device="cpu", phase_timeout_s=30) as cluster:
+        cluster.build(Net, plan=PLAN, loss_fn=failing_loss)
+        with pytest.raises(RankError, match=r"rank 1 failed in train_step: ValueError: bad batch") as e:
+            cluster.train_step(make_batches(1)[0])
+        assert e.value.rank == 1 and "failing_loss" in e.value.remote_traceback
+
+
+def test_too_many_ranks_fails_within_the_timeout(ray_local):
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterResourceError, match="could not place tp=2 x dp=200"):
+        raytp.TPCluster(tp=2, dp=200, device="cpu", timeout_s=3)
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(ClusterResourceError, match="needs 2 GPUs; the cluster has 0"):
+        raytp.TPCluster(tp=2, device="cuda")
+    assert ray.util.placement_group_table() == {} or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
+        if pg["bundles"] and len(pg["bundles"]) == 200)
+
+
+def test_interrupt_keeps_the_cluster_usable_and_closing_leaves_nothing(ray_local):
+    def interrupted(batches):
+        for i, b in enumerate(batches):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt), raytp.TPCluster(tp=2, device="cpu") as cluster:
+        cluster.build(Net, plan=PLAN)
+        with pytest.raises(KeyboardInterrupt):
+            cluster.fit(interrupted(make_batches(10)), progress=False)
+        assert cluster.train_step(make_batches(1)[0])["step"] == 3  # steps 0-2 finished
+        handles, pg = list(cluster.actors), cluster._pg
+        raise KeyboardInterrupt  # interrupted again, inside the with block
+    assert cluster.actors == [] and "closed" in repr(cluster)
+    for handle in handles:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.node_info.remote(), timeout=30)
+    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"

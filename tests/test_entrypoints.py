@@ -1,0 +1,98 @@
+"""The ways in: the notebook, `ray job submit` against a real local head, the demo CLI."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_quickstart_notebook_runs_top_to_bottom():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT / "examples")}})
+    client.execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    accuracy = float(re.search(r"held-out accuracy: ([0-9.]+)", outputs).group(1))
+    assert accuracy > 0.95
+    assert any(o.get("data", {}).get("image/png") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_ray_job_submit_runs_a_tpcluster():
+    """A real head (`ray start --head`, loopback) and its job server run examples/ray_job.py."""
+    gcs_port, dash_port = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rtp", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # token auth stays on
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        _wait_for_job_server(address, head)
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
+             str(ROOT / "examples"), "--", sys.executable, "ray_job.py", "--epochs", "8"],
+            capture_output=True, text=True, timeout=600, env=env)
+        log = out.stdout + out.stderr
+        assert "succeeded" in log.lower(), log[-4000:]
+        assert re.search(r"held-out accuracy: 0\.9[5-9]|held-out accuracy: 1\.0", log), log[-4000:]
+    finally:
+        _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """`ray start --block` stops its head processes when it is terminated."""
+    if head.poll() is None:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_job_server(address: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {head.stdout.read().decode()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (401 without Ray's auth token): it is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the job server at {address} did not come up in {timeout_s}s")
+
+
+def test_demo_cli_reaches_95_percent():
+    out = subprocess.run([sys.executable, "-m", "raytp", "demo", "--no-progress", "--epochs", "10"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    accuracy = float(re.search(r"held-out accuracy: ([0-9.]+)", out.stdout).group(1))
+    assert accuracy >= 0.95
