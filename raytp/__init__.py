@@ -4,7 +4,7 @@ The core (this package without :mod:`raytp.driver`) is pure PyTorch and runs the
 same under Ray actors, ``torchrun`` or test processes.
 """
 
-from raytp import comm, nn
+from raytp import comm, models, nn
 from raytp.dtensor import DTensor
 from raytp.mesh import DeviceMesh, init_distributed
 from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
@@ -38,6 +38,7 @@ __all__ = [
     "Shard",
     "clip_grad_norm_",
     "comm",
+    "models",
     "grad_norm",
     "init_distributed",
     "nn",

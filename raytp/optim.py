@@ -19,6 +19,7 @@ from torch import nn
 from raytp.comm.backend import Communicator
 from raytp.mesh import DeviceMesh
 from raytp.params import get_spec, grad_reduce_groups, sumsq_once
+from raytp.placement import Shard
 
 
 def _params(params) -> list[torch.Tensor]:
@@ -32,6 +33,8 @@ def _params(params) -> list[torch.Tensor]:
 @torch.no_grad()
 def _all_reduce_coalesced(tensors: list[torch.Tensor], comm: Communicator, scale: float = 1.0):
     """Sum ``tensors`` over ``comm`` in place, one collective per dtype."""
+    if not tensors:
+        return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
@@ -44,12 +47,32 @@ def _all_reduce_coalesced(tensors: list[torch.Tensor], comm: Communicator, scale
             t.copy_(part.view_as(t))
 
 
+@torch.no_grad()
+def _reduce_partial_grads(params: list[torch.Tensor], comm: Communicator) -> None:
+    """Sum each gradient over the ranks of ``comm`` holding the same elements: the whole
+    gradient of a replicated parameter; the replicated blocks of a sharded one, through
+    a buffer of each block's full size (see ``ParamSpec.reduce_buffer``), so no
+    sub-group is needed. One all-reduce per dtype for all of them."""
+    tensors, buffered = [], []
+    for p in params:
+        spec = get_spec(p)
+        if not isinstance(spec.placement, Shard):
+            tensors.append(p.grad)
+        elif spec.has_replicated_blocks():
+            buffered.append((p, spec.reduce_buffer(p.grad, comm.rank)))
+            tensors.append(buffered[-1][1])
+    _all_reduce_coalesced(tensors, comm)
+    for p, buffer in buffered:
+        get_spec(p).read_reduce_buffer_(buffer, p.grad, comm.rank)
+
+
 def sync_grads(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> None:
     """Make every gradient whole before the optimizer step.
 
     1. Gradients that are partial sums over the TP group (replicated parameters used
-       through a slice, key/value heads shared by several ranks, norms under
-       sequence parallelism) are summed over the group their spec names.
+       through a slice, key/value heads shared by several ranks, norms and
+       row-parallel biases under sequence parallelism) are summed over the ranks
+       holding the same elements, as their spec's ``grad_reduce`` says.
     2. With dp > 1, every gradient is averaged over the DP group.
 
     Collectives: one all-reduce per group and dtype. Every rank must call it.
@@ -60,7 +83,7 @@ def sync_grads(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> 
             if p.grad is None:  # this rank did not use it; its share of the sum is zero
                 p.grad = torch.zeros_like(p)
         if comm.size > 1:
-            _all_reduce_coalesced([p.grad for p in group], comm)
+            _reduce_partial_grads(group, comm)
     if mesh.dp_size > 1:
         grads = [p.grad for p in params if p.grad is not None]
         _all_reduce_coalesced(grads, mesh.dp_comm, scale=1.0 / mesh.dp_size)
@@ -71,10 +94,13 @@ def grad_norm(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> t
     """The 2-norm of all gradients of the full model, the same on every rank.
 
     Sharded gradients add their squares over the TP group; replicated ones count
-    once. Collectives: one all-reduce over the TP group.
+    once. Accumulated in float32, or in float64 when some gradient is float64 (so
+    that float64 parity runs clip identically at every tp).
+    Collectives: one all-reduce over the TP group.
     """
     params = [p for p in _params(params) if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float32, device=mesh.device)
+    wide = any(p.grad.dtype == torch.float64 for p in params)
+    total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=mesh.device)
     for p in params:
         total += sumsq_once(p.grad, get_spec(p), mesh.tp_size).to(total.device)
     if mesh.tp_size > 1:

@@ -29,6 +29,11 @@ class ParamSpec:
     block is cut into ``n_shards`` equal chunks and TP rank ``r`` holds chunk
     ``r * n_shards // tp``, so ``n_shards < tp`` replicates the block over
     ``tp // n_shards`` ranks (key/value heads when ``n_kv_heads < tp``).
+
+    ``grad_reduce``, when set, means: each rank's gradient is a partial sum, to be
+    summed over the ranks that hold the same element. For a ``Replicate()``
+    parameter that is the whole group ``grad_reduce``; for a sharded one it is the
+    ranks sharing each replicated block (then ``grad_reduce`` must be the TP group).
     """
 
     placement: Placement
@@ -45,10 +50,51 @@ class ParamSpec:
             if self.tp_size % n_shards:
                 raise ValueError(f"a block sharded {n_shards} ways cannot map onto tp={self.tp_size}")
             check_divisible(size, n_shards, "block size")
+        if (isinstance(self.placement, Shard) and self.grad_reduce is not None
+                and self.grad_reduce.size != self.tp_size):
+            raise ValueError(f"a sharded parameter's grad_reduce must be its TP group of "
+                             f"{self.tp_size} ranks, not {self.grad_reduce!r}")
 
     def local_blocks(self) -> list[tuple[int, int]]:
         """``(local_size, replicas)`` of each block along the shard dim, in order."""
         return [(size // n, self.tp_size // n) for size, n in self.blocks]
+
+    def has_replicated_blocks(self) -> bool:
+        """Whether some block of this sharded parameter is held by more than one rank."""
+        return isinstance(self.placement, Shard) and any(n < self.tp_size for _, n in self.blocks)
+
+    def _replicated_parts(self, local: torch.Tensor, tp_rank: int):
+        """``(local part, size, chunk index)`` of each replicated block, in order."""
+        dim = self.placement.dim
+        parts = local.split([size for size, _ in self.local_blocks()], dim)
+        return [(part, size, tp_rank * n // self.tp_size)
+                for part, (size, n) in zip(parts, self.blocks, strict=True) if n < self.tp_size]
+
+    def reduce_buffer(self, local: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        """``local`` laid out for the TP all-reduce that completes replicated blocks.
+
+        Each replicated block's local chunk goes at its chunk index in zeros of the
+        block's full size; blocks held by one rank are left out. Summed over the TP
+        group, chunk ``k`` of the buffer is the sum over the ranks holding chunk ``k``.
+        Shape: ``local``'s, with the shard dim the sum of the replicated blocks' sizes.
+        """
+        dim, buffers = self.placement.dim, []
+        for part, size, index in self._replicated_parts(local, tp_rank):
+            shape = list(part.shape)
+            shape[dim] = size
+            buffer = part.new_zeros(shape)
+            buffer.narrow(dim, index * part.shape[dim], part.shape[dim]).copy_(part)
+            buffers.append(buffer)
+        return torch.cat(buffers, dim)
+
+    @torch.no_grad()
+    def read_reduce_buffer_(self, buffer: torch.Tensor, local: torch.Tensor, tp_rank: int) -> None:
+        """Copy this rank's chunks of a summed :meth:`reduce_buffer` back into ``local``."""
+        dim, start = self.placement.dim, 0
+        for part, size, index in self._replicated_parts(local, tp_rank):
+            chunk = part.shape[dim]
+            part.copy_(buffer.narrow(dim, start + index * chunk, chunk))
+            start += size
 
     def shard(self, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
         """This rank's part of the full parameter (a contiguous copy)."""
@@ -76,8 +122,10 @@ def get_spec(param: torch.Tensor) -> ParamSpec | None:
 def sumsq_once(tensor: torch.Tensor, spec: ParamSpec | None, tp_size: int) -> torch.Tensor:
     """Sum of squares of a local parameter or gradient, each element weighted by
     1 / (TP ranks holding it), so that the sum over the TP group counts each element
-    once. A parameter with no spec is taken to be replicated over the TP group."""
-    x = tensor.detach().float()
+    once. A parameter with no spec is taken to be replicated over the TP group.
+    Accumulated in float32, or float64 for a float64 tensor."""
+    x = tensor.detach()
+    x = x if x.dtype == torch.float64 else x.float()
     if spec is None or isinstance(spec.placement, Replicate):
         return x.pow(2).sum() / tp_size
     total = x.new_zeros(())
@@ -90,14 +138,19 @@ def sumsq_once(tensor: torch.Tensor, spec: ParamSpec | None, tp_size: int) -> to
 
 def materialize_(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """Give the meta parameters of ``module`` uninitialized storage on ``device``,
-    keeping their specs (``Module.to_empty`` may replace parameters and drop them)."""
+    keeping their specs (``Module.to_empty`` may replace parameters and drop them)
+    and keeping a parameter shared by several submodules (tied weights) shared."""
+    done: dict[int, tuple[torch.Tensor, torch.nn.Parameter]] = {}  # keeps the old one alive: ids stay unique
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
-            if param.device.type == "meta":
+            if param.device.type != "meta":
+                continue
+            if id(param) not in done:
                 new = torch.nn.Parameter(torch.empty_like(param, device=device),
                                          requires_grad=param.requires_grad)
                 spec = get_spec(param)
-                sub.register_parameter(name, set_spec(new, spec) if spec else new)
+                done[id(param)] = (param, set_spec(new, spec) if spec else new)
+            sub.register_parameter(name, done[id(param)][1])
     return module
 
 

@@ -26,13 +26,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, inbox, outbox):
+def _worker(rank, world, port, backend, inbox, outbox):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if backend == "nccl":  # one GPU per rank, on the GPU host
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     while (job := inbox.get()) is not None:
         fn, args = job
@@ -44,13 +46,13 @@ def _worker(rank, world, port, inbox, outbox):
 
 
 class World:
-    def __init__(self, size: int):
+    def __init__(self, size: int, backend: str = "gloo"):
         ctx = mp.get_context("spawn")
         self.size = size
         port = _free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(size)]
-        self.procs = [ctx.Process(target=_worker, args=(r, size, port, self.inboxes[r], self.outbox),
+        self.procs = [ctx.Process(target=_worker, args=(r, size, port, backend, self.inboxes[r], self.outbox),
                                   daemon=True) for r in range(size)]
         for p in self.procs:
             p.start()
@@ -96,14 +98,15 @@ class World:
                 p.join()
 
 
-_worlds: dict[int, World] = {}
+_worlds: dict[tuple[int, str], World] = {}
 
 
-def run(world_size: int, fn, *args):
-    """Run ``fn(*args)`` on every rank of a ``world_size`` world; return the results in rank order."""
-    world = _worlds.get(world_size)
+def run(world_size: int, fn, *args, backend: str = "gloo"):
+    """Run ``fn(*args)`` on every rank of a ``world_size`` world of ``backend`` ("gloo" on
+    CPU, "nccl" with one GPU per rank); return the results in rank order."""
+    world = _worlds.get((world_size, backend))
     if world is None or not world.alive:
-        world = _worlds[world_size] = World(world_size)
+        world = _worlds[(world_size, backend)] = World(world_size, backend)
     return world.run(fn, *args)
 
 

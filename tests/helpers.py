@@ -48,3 +48,58 @@ def assert_params_match(tp_module, ref_module, tp_rank, *, grads=False, **tol):
         torch.testing.assert_close(local.detach(), expected_local(p, full.detach(), tp_rank),
                                    msg=lambda m, n=name: f"{n} ({'grad' if grads else 'value'}): {m}",
                                    **tol)
+
+
+def randn(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """The same normal tensor on every rank."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's chunk of ``x`` along ``dim`` (rank and world from torch.distributed)."""
+    rank, n = world()
+    return x.chunk(n, dim)[rank]
+
+
+def assert_state_matches(module, ref_state: dict[str, torch.Tensor], tp_rank: int, **tol):
+    """Every parameter of ``module`` is this rank's part of the same-named full tensor in
+    ``ref_state`` (a tp=1 model's ``named_parameters``, sent over from another world)."""
+    tol = tol or F64
+    names = dict(module.named_parameters())
+    assert names.keys() == ref_state.keys(), f"{sorted(names)} != {sorted(ref_state)}"
+    for name, p in names.items():
+        torch.testing.assert_close(p.detach(), expected_local(p, ref_state[name], tp_rank),
+                                   msg=lambda m, n=name: f"{n}: {m}", **tol)
+
+
+def check_parity(module, ref, x, *, local_in, local_out, optimizer=None, grad_seed=2):
+    """``module`` (this rank's part) against ``ref`` (the whole, on one process) on the full
+    input ``x``: forward, input gradient, every weight gradient after ``sync_grads``, the
+    global gradient norm, and the parameters after one optimizer step (float64).
+    ``local_in`` / ``local_out`` map a full input / output to this rank's part. Returns
+    the collective counts of the forward and the backward."""
+    from raytp.comm import count_collectives
+
+    m = mesh(dist.get_world_size())
+    floating = x.is_floating_point()
+    x_ref = x.clone().requires_grad_(floating)
+    y_ref = ref(x_ref)
+    grad_out = randn(*y_ref.shape, seed=grad_seed)
+    (y_ref * grad_out).sum().backward()
+    x_tp = local_in(x).clone().requires_grad_(floating)
+    with count_collectives() as fwd:
+        y = module(x_tp)
+    torch.testing.assert_close(y, local_out(y_ref.detach()), **F64)
+    with count_collectives() as bwd:
+        (y * local_out(grad_out)).sum().backward()
+    if floating:
+        torch.testing.assert_close(x_tp.grad, local_in(x_ref.grad), **F64)
+    raytp.sync_grads(module, m)
+    assert_params_match(module, ref, m.tp_rank, grads=True)
+    ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    torch.testing.assert_close(raytp.grad_norm(module, m).double(), ref_norm, rtol=1e-6, atol=0)
+    optimizer = optimizer or raytp.AdamW(lr=0.01, weight_decay=0.1)
+    optimizer.build(module.parameters()).step()
+    optimizer.build(ref.parameters()).step()
+    assert_params_match(module, ref, m.tp_rank)
+    return fwd.by_kind(), bwd.by_kind()

@@ -36,6 +36,10 @@ class Communicator(ABC):
         """Sum ``tensor`` over the group, in place."""
         return self._issue("all_reduce", tensor, lambda: self._all_reduce(tensor, async_op), async_op)
 
+    def all_reduce_max(self, tensor: torch.Tensor):
+        """Element-wise maximum of ``tensor`` over the group, in place (counted as ``all_reduce_max``)."""
+        return self._issue("all_reduce_max", tensor, lambda: self._all_reduce_max(tensor), False)
+
     def all_gather(self, out: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False):
         """``out`` (size * n, ...) receives every rank's ``tensor`` (n, ...) in rank order."""
         return self._issue("all_gather", tensor, lambda: self._all_gather(out, tensor, async_op), async_op)
@@ -77,6 +81,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_reduce(self, tensor, async_op): ...
+
+    def _all_reduce_max(self, tensor):
+        raise NotImplementedError(f"{type(self).__name__} has no max all-reduce")
 
     @abstractmethod
     def _all_gather(self, out, tensor, async_op): ...
@@ -125,6 +132,9 @@ class TorchCommunicator(Communicator):
 
     def _all_reduce(self, tensor, async_op):
         return dist.all_reduce(tensor, group=self.group, async_op=async_op)
+
+    def _all_reduce_max(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
 
     def _all_gather(self, out, tensor, async_op):
         return _all_gather_single(out, tensor, group=self.group, async_op=async_op)

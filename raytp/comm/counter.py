@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class CollectiveRecord:
-    kind: str  # "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter"
+    # "all_reduce", "all_reduce_max", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter"
+    kind: str
     group: str  # the communicator's name, e.g. "tp" or "dp"
     nbytes: int  # bytes this rank contributes
     seq: int  # per-communicator sequence number, the same on every member rank

@@ -31,6 +31,13 @@ def all_reduce(tensor: torch.Tensor, comm: Communicator) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(tensor: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """The element-wise maximum of ``tensor`` over the group, as a new tensor."""
+    out = tensor.clone(memory_format=torch.contiguous_format)
+    comm.all_reduce_max(out)
+    return out
+
+
 def all_gather(tensor: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along ``dim``: (.., n, ..) -> (.., size * n, ..)."""
     dim = dim % tensor.dim()

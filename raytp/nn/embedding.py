@@ -1,4 +1,5 @@
-"""Vocabulary-parallel embedding: the rows of the table split over the TP group."""
+"""Vocabulary-parallel embedding (the rows of the table split over the TP group) and
+the learned position embedding beside it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytp.comm import ops
+from raytp.comm.functional import check_divisible, local_chunk
 from raytp.mesh import DeviceMesh
+from raytp.nn.linear import SEQ_DIM
 from raytp.params import ParamSpec, get_spec, materialize_, set_spec
-from raytp.placement import Shard
+from raytp.placement import Replicate, Shard
 
 
 def padded_vocab(num_embeddings: int, tp_size: int) -> int:
@@ -17,27 +20,48 @@ def padded_vocab(num_embeddings: int, tp_size: int) -> int:
     return -(-num_embeddings // tp_size) * tp_size
 
 
+def vocab_param(num_embeddings: int, embedding_dim: int, mesh: DeviceMesh, device, dtype) -> nn.Parameter:
+    """This rank's rows of a (padded vocabulary, embedding_dim) table, sharded on dim 0."""
+    vocab = padded_vocab(num_embeddings, mesh.tp_size)
+    spec = ParamSpec(Shard(0), torch.Size((vocab, embedding_dim)), mesh.tp_size)
+    weight = torch.empty(vocab // mesh.tp_size, embedding_dim, device=device, dtype=dtype)
+    return set_spec(nn.Parameter(weight), spec)
+
+
+@torch.no_grad()
+def load_vocab_rows_(param: torch.Tensor, full: torch.Tensor, num_embeddings: int, tp_rank: int) -> None:
+    """Set ``param`` to this rank's rows of the full (num_embeddings, dim) ``full``,
+    padded with zero rows to the padded vocabulary."""
+    spec = get_spec(param)
+    if tuple(full.shape) != (num_embeddings, spec.global_shape[1]):
+        raise ValueError(f"full shape {tuple(full.shape)} != {(num_embeddings, spec.global_shape[1])}")
+    padded = F.pad(full.to(param.device), (0, 0, 0, spec.global_shape[0] - num_embeddings))
+    param.copy_(spec.shard(padded, tp_rank))
+
+
 class VocabParallelEmbedding(nn.Module):
     """``nn.Embedding`` with rows [tp_rank * V_r, (tp_rank + 1) * V_r) on each rank.
 
     The vocabulary is padded with zero rows to a multiple of tp (``V_r`` rows per
     rank). Ids (...,) outside this rank's rows give zeros; the all-reduce of the
-    (..., embedding_dim) partial results makes the output replicated.
-    Collectives: forward one all-reduce; backward none.
+    (..., embedding_dim) partial results makes the output replicated. With
+    ``sequence_parallel`` the ids are (B, T) and a reduce-scatter along T leaves the
+    output (B, T / tp, embedding_dim), split along the sequence.
+    Collectives: forward one all-reduce (a reduce-scatter under sequence parallelism);
+    backward none (an all-gather of the gradient under sequence parallelism).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, mesh: DeviceMesh,
-                 padding_idx: int | None = None, device=None, dtype=None):
+                 padding_idx: int | None = None, sequence_parallel: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
+        self.sequence_parallel = sequence_parallel
         self.mesh = mesh
-        vocab = padded_vocab(num_embeddings, mesh.tp_size)
-        self.rows_per_rank = vocab // mesh.tp_size
+        self.weight = vocab_param(num_embeddings, embedding_dim, mesh, device, dtype)
+        self.rows_per_rank = self.weight.shape[0]
         self.vocab_start = mesh.tp_rank * self.rows_per_rank
-        spec = ParamSpec(Shard(0), torch.Size((vocab, embedding_dim)), mesh.tp_size)
-        weight = torch.empty(self.rows_per_rank, embedding_dim, device=device, dtype=dtype)
-        self.weight = set_spec(nn.Parameter(weight), spec)
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -54,12 +78,7 @@ class VocabParallelEmbedding(nn.Module):
     @torch.no_grad()
     def load_full_(self, weight: torch.Tensor):
         """Set the table from the full (num_embeddings, embedding_dim) weight."""
-        if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(f"full shape {tuple(weight.shape)} != "
-                             f"{(self.num_embeddings, self.embedding_dim)}")
-        pad = get_spec(self.weight).global_shape[0] - self.num_embeddings
-        padded = F.pad(weight.to(self.weight.device), (0, 0, 0, pad))
-        self.weight.copy_(get_spec(self.weight).shard(padded, self.mesh.tp_rank))
+        load_vocab_rows_(self.weight, weight, self.num_embeddings, self.mesh.tp_rank)
         return self
 
     @classmethod
@@ -77,7 +96,11 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight, self._local_padding_idx())  # (..., dim), partial
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return ops.reduce_from(out, self.mesh.tp_comm)
+        tp = self.mesh.tp_comm
+        if self.sequence_parallel:
+            check_divisible(out.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
+            return ops.reduce_scatter_seq(out, tp, SEQ_DIM)
+        return ops.reduce_from(out, tp)
 
     def _local_padding_idx(self) -> int | None:
         if self.padding_idx is None:
@@ -87,4 +110,39 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim}, tp={self.mesh.tp_size}, "
-                f"rows_per_rank={self.rows_per_rank}")
+                f"rows_per_rank={self.rows_per_rank}"
+                + (", sequence_parallel=True" if self.sequence_parallel else ""))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions: a (max_len, dim) table, replicated on every rank.
+
+    ``forward(start, length)`` returns the rows of positions [start, start + length)
+    as (1, length, dim); with ``sequence_parallel``, this rank's chunk of them,
+    (1, length / tp, dim), and the gradient of the table, a partial sum over the
+    sequence chunks, is summed over the TP group by :func:`raytp.sync_grads`.
+    Collectives: none.
+    """
+
+    def __init__(self, max_len: int, dim: int, *, mesh: DeviceMesh, sequence_parallel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.mesh, self.sequence_parallel = mesh, sequence_parallel
+        weight = nn.Parameter(torch.empty(max_len, dim, device=device, dtype=dtype))
+        grad_reduce = mesh.tp_comm if sequence_parallel else None
+        self.weight = set_spec(weight, ParamSpec(Replicate(), weight.shape, mesh.tp_size,
+                                                 grad_reduce=grad_reduce))
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        if start + length > self.weight.shape[0]:
+            raise ValueError(f"positions up to {start + length} exceed max_len={self.weight.shape[0]}")
+        rows = self.weight[start:start + length].unsqueeze(0)  # (1, length, dim)
+        if self.sequence_parallel:
+            rows = local_chunk(rows, self.mesh.tp_comm, SEQ_DIM)  # (1, length / tp, dim)
+        return rows

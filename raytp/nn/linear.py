@@ -10,6 +10,12 @@ Each parameter is stored either sharded (this rank's slice only, the default) or
 replicated (the whole parameter on every rank; the rank computes with its slice,
 and the gradient, nonzero on that slice only, is summed over the TP group by
 :func:`raytp.sync_grads` before the optimizer step).
+
+With ``sequence_parallel=True`` the activations outside the layer pair are split
+along the sequence (dim 1 of (B, T, H)): the column-parallel layer all-gathers its
+input (reduce-scatter of the gradient) in place of the identity / all-reduce, and
+the row-parallel layer reduce-scatters its output (all-gather of the gradient) in
+place of the all-reduce (Korthikanti et al., 2022).
 """
 
 from __future__ import annotations
@@ -26,35 +32,38 @@ from raytp.mesh import DeviceMesh
 from raytp.params import ParamSpec, get_spec, materialize_, set_spec
 from raytp.placement import Replicate, Shard, as_placement
 
+SEQ_DIM = 1  # the sequence dim of (B, T, H) activations under sequence parallelism
+
 
 class _TPLinear(nn.Module):
     """Parameters, their layout and initialization; subclasses add ``forward``."""
 
     shard_dim: int  # the weight dim split over the TP group
 
-    def __init__(self, in_features, out_features, mesh, bias, blocks, device, dtype):
+    def __init__(self, in_features, out_features, mesh, bias, blocks, sequence_parallel, device, dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.mesh = mesh
-        tp = mesh.tp_size
+        self.sequence_parallel = sequence_parallel
         weight_shape = torch.Size((out_features, in_features))
-        split = weight_shape[self.shard_dim]
-        blocks = tuple(blocks) if blocks else (split,)
-        if sum(blocks) != split:
-            raise ValueError(f"blocks {blocks} must add up to {split}")
         name = "out_features" if self.shard_dim == 0 else "in_features"
-        for size in blocks:
-            check_divisible(size, tp, name if len(blocks) == 1 else f"{name} block")
-        self.blocks = blocks
+        self.blocks = _shard_blocks(blocks, weight_shape[self.shard_dim], mesh.tp_size, name)
         # the sharded layout of each parameter; a replicated one is sliced by it in forward
-        self.weight_layout = ParamSpec(Shard(self.shard_dim), weight_shape, tp,
-                                       tuple((b, tp) for b in blocks))
+        self.weight_layout = self._layout(weight_shape, self.shard_dim, self.blocks)
         self.factory = {"device": device, "dtype": dtype}
 
-    def _bias_layout(self, blocks) -> ParamSpec:
+    def _layout(self, shape, dim, blocks) -> ParamSpec:
+        """Sharded on ``dim`` by ``blocks``; a block held by several ranks has a partial
+        gradient on each, which :func:`raytp.sync_grads` sums over them."""
         tp = self.mesh.tp_size
-        return ParamSpec(Shard(0), torch.Size((self.out_features,)), tp,
-                         tuple((b, tp) for b in blocks))
+        replicated = any(n < tp for _, n in blocks)
+        return ParamSpec(Shard(dim), torch.Size(shape), tp, blocks,
+                         grad_reduce=self.mesh.tp_comm if replicated else None)
+
+    @property
+    def local_block_sizes(self) -> list[int]:
+        """The size of each block's slice on this rank, in the order of the local output."""
+        return [size for size, _ in self.weight_layout.local_blocks()]
 
     def _register(self, name, shape, placement, allowed, layout=None, grad_reduce=None):
         """Create parameter ``name`` of global ``shape``: replicated, or sharded by ``layout``
@@ -70,7 +79,7 @@ class _TPLinear(nn.Module):
         else:
             spec = layout()
             local_shape = list(shape)
-            local_shape[spec.placement.dim] //= spec.tp_size
+            local_shape[spec.placement.dim] = sum(size for size, _ in spec.local_blocks())
         param = nn.Parameter(torch.empty(local_shape, **self.factory))
         self.register_parameter(name, set_spec(param, spec))
 
@@ -121,28 +130,53 @@ class _TPLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"tp={self.mesh.tp_size}, bias={self.bias is not None}")
+                f"tp={self.mesh.tp_size}, bias={self.bias is not None}"
+                + (", sequence_parallel=True" if self.sequence_parallel else ""))
+
+
+def _shard_blocks(blocks, split: int, tp: int, name: str) -> tuple[tuple[int, int], ...]:
+    """``blocks`` as ``(size, n_shards)`` pairs: a bare size is sharded ``tp`` ways."""
+    blocks = tuple(blocks) if blocks else (split,)
+    pairs = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b, tp) for b in blocks)
+    if sum(size for size, _ in pairs) != split:
+        raise ValueError(f"blocks {blocks} must add up to {split}")
+    for size, n_shards in pairs:
+        if n_shards < 1 or tp % n_shards:
+            raise ValueError(f"a {name} block sharded {n_shards} ways cannot map onto tp={tp}")
+        what = name if len(pairs) == 1 else f"{name} block"
+        if n_shards == tp:
+            check_divisible(size, tp, what)
+        elif size % n_shards:
+            raise ValueError(f"{what}={size} is not divisible by its n_shards={n_shards}")
+    return pairs
 
 
 class ColumnParallelLinear(_TPLinear):
     """``y = x W^T + b`` with W's output rows split over the TP group.
 
-    Input (..., in_features), replicated. Weight (out_features_per_rank, in_features)
-    per rank. Output (..., out_features_per_rank), sharded on the last dim; or
-    (..., out_features), replicated, with ``gather_output``.
+    Input (..., in_features), replicated; or (B, T / tp, in_features), split along
+    the sequence, with ``sequence_parallel``. Weight (out_features_per_rank,
+    in_features) per rank. Output (..., out_features_per_rank), sharded on the last
+    dim (all of T under sequence parallelism); or (..., out_features), replicated,
+    with ``gather_output``.
     ``blocks`` cuts out_features into fused sub-blocks (gate and up, or Q, K and V),
     each sharded on its own, so the local output is [block 0 slice | block 1 slice | ...].
+    A block is a size (sharded tp ways) or ``(size, n_shards)`` with ``n_shards``
+    dividing tp: rank r then holds chunk ``r * n_shards // tp``, the block is
+    replicated over ``tp // n_shards`` ranks, and :func:`raytp.sync_grads` sums its
+    partial gradients over them.
     Weight and bias are stored ``Shard(0)`` (default) or ``Replicate()``.
-    Collectives: forward none (an all-gather with ``gather_output``); backward one
-    all-reduce of the input gradient.
+    Collectives: forward none (an all-gather of the input under sequence parallelism,
+    one more with ``gather_output``); backward one all-reduce of the input gradient
+    (a reduce-scatter under sequence parallelism).
     """
 
     shard_dim = 0
 
     def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
-                 gather_output: bool = False, blocks=None, weight_placement=Shard(0),
-                 bias_placement=Shard(0), device=None, dtype=None):
-        super().__init__(in_features, out_features, mesh, bias, blocks, device, dtype)
+                 gather_output: bool = False, blocks=None, sequence_parallel: bool = False,
+                 weight_placement=Shard(0), bias_placement=Shard(0), device=None, dtype=None):
+        super().__init__(in_features, out_features, mesh, bias, blocks, sequence_parallel, device, dtype)
         if gather_output and len(self.blocks) > 1:
             raise ValueError("gather_output would interleave fused blocks; gather each block instead")
         self.gather_output = gather_output
@@ -150,7 +184,7 @@ class ColumnParallelLinear(_TPLinear):
         self._register("weight", (out_features, in_features), weight_placement, allowed,
                        lambda: self.weight_layout, mesh.tp_comm)
         if bias:
-            self.bias_layout = self._bias_layout(self.blocks)
+            self.bias_layout = self._layout((out_features,), 0, self.blocks)
             self._register("bias", (out_features,), bias_placement, allowed,
                            lambda: self.bias_layout, mesh.tp_comm)
         else:
@@ -159,11 +193,11 @@ class ColumnParallelLinear(_TPLinear):
 
     @property
     def out_features_per_rank(self) -> int:
-        return self.out_features // self.mesh.tp_size
+        return sum(self.local_block_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.mesh.tp_comm
-        x = ops.copy_to(x, tp)
+        x = ops.all_gather_seq(x, tp, SEQ_DIM) if self.sequence_parallel else ops.copy_to(x, tp)
         bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
         y = F.linear(x, self._sliced(self.weight, self.weight_layout), bias)
         return ops.gather_from(y, tp, -1) if self.gather_output else y
@@ -179,28 +213,39 @@ class RowParallelLinear(_TPLinear):
     after the reduction; the bias is stored ``Replicate()`` (default) or ``Shard(0)``
     (gathered in forward). With ``reduce_output=False`` the output is left a partial
     sum (Partial) for the caller to reduce, fused or later; the bias is then added on
-    TP rank 0 only, so that the sum is still right.
-    Collectives: forward one all-reduce (none with ``reduce_output=False``, one
-    all-gather more for a sharded bias); backward none (an all-gather with
-    ``input_is_parallel=False``).
+    TP rank 0 only, so that the sum is still right. With ``sequence_parallel`` the
+    input is (B, T, in_features_per_rank) and the output (B, T / tp, out_features),
+    split along the sequence; the bias then needs ``Replicate()`` and its gradient,
+    a partial sum over the sequence chunks, is summed by :func:`raytp.sync_grads`.
+    Collectives: forward one all-reduce (a reduce-scatter under sequence parallelism,
+    none with ``reduce_output=False``, one all-gather more for a sharded bias);
+    backward none (an all-gather of the gradient under sequence parallelism, one
+    with ``input_is_parallel=False``).
     """
 
     shard_dim = 1
 
     def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
                  input_is_parallel: bool = True, reduce_output: bool = True,
-                 weight_placement=Shard(1), bias_placement=Replicate(), device=None, dtype=None):
-        super().__init__(in_features, out_features, mesh, bias, None, device, dtype)
+                 sequence_parallel: bool = False, weight_placement=Shard(1),
+                 bias_placement=Replicate(), device=None, dtype=None):
+        super().__init__(in_features, out_features, mesh, bias, None, sequence_parallel, device, dtype)
         self.input_is_parallel, self.reduce_output = input_is_parallel, reduce_output
+        if sequence_parallel and not reduce_output:
+            raise ValueError("RowParallelLinear: sequence_parallel reduce-scatters the output; "
+                             "it cannot be combined with reduce_output=False")
         self._register("weight", (out_features, in_features), weight_placement,
                        (Shard(1), Replicate()), lambda: self.weight_layout, mesh.tp_comm)
         if bias:
-            if not reduce_output and as_placement(bias_placement) != Replicate():
-                raise ValueError("RowParallelLinear: reduce_output=False needs a Replicate() bias")
-            # Only rank 0 adds the bias to a partial output, so the others need its gradient.
+            if (sequence_parallel or not reduce_output) and as_placement(bias_placement) != Replicate():
+                option = "sequence_parallel=True" if sequence_parallel else "reduce_output=False"
+                raise ValueError(f"RowParallelLinear: {option} needs a Replicate() bias")
+            # A bias added to a partial output (rank 0 only) or to a sequence chunk has a
+            # partial gradient on each rank.
+            partial = sequence_parallel or not reduce_output
             self._register("bias", (out_features,), bias_placement, (Replicate(), Shard(0)),
-                           lambda: self._bias_layout((out_features,)),
-                           None if reduce_output else mesh.tp_comm)
+                           lambda: self._layout((out_features,), 0, ((out_features, mesh.tp_size),)),
+                           mesh.tp_comm if partial else None)
         else:
             self.register_parameter("bias", None)
         self._finish_init()
@@ -216,7 +261,11 @@ class RowParallelLinear(_TPLinear):
         y = F.linear(x, self._sliced(self.weight, self.weight_layout))
         if not self.reduce_output:
             return y + self.bias if self.bias is not None and tp.rank == 0 else y
-        y = ops.reduce_from(y, tp)
+        if self.sequence_parallel:
+            check_divisible(y.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
+            y = ops.reduce_scatter_seq(y, tp, SEQ_DIM)
+        else:
+            y = ops.reduce_from(y, tp)
         if self.bias is None:
             return y
         sharded = isinstance(get_spec(self.bias).placement, Shard)

@@ -15,20 +15,23 @@ ACTIVATIONS = ("gelu", "swiglu")
 class ParallelMLP(nn.Module):
     """``fc_out(act(fc_in(x)))`` with the ffn dimension split over the TP group.
 
-    Input and output (..., hidden), replicated; the (..., ffn / tp) activation in
+    Input and output (..., hidden), replicated; or (B, T / tp, hidden), split along
+    the sequence, with ``sequence_parallel``. The (..., ffn / tp) activation in
     between stays on its rank. ``activation="swiglu"`` fuses the gate and up
     projections into one column-parallel GEMM (blocks [gate | up]) and computes
-    ``silu(gate) * up``. Collectives: forward one all-reduce; backward one all-reduce.
+    ``silu(gate) * up``. Collectives: forward one all-reduce; backward one all-reduce
+    (under sequence parallelism each becomes an all-gather and a reduce-scatter).
     """
 
     def __init__(self, hidden: int, ffn: int, *, mesh: DeviceMesh, activation: str = "gelu",
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, sequence_parallel: bool = False, device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
         self.activation = activation
         fused = activation == "swiglu"
-        factory = {"mesh": mesh, "bias": bias, "device": device, "dtype": dtype}
+        factory = {"mesh": mesh, "bias": bias, "sequence_parallel": sequence_parallel,
+                   "device": device, "dtype": dtype}
         self.fc_in = ColumnParallelLinear(hidden, 2 * ffn if fused else ffn,
                                           blocks=(ffn, ffn) if fused else None, **factory)
         self.fc_out = RowParallelLinear(ffn, hidden, **factory)

@@ -1,0 +1,25 @@
+"""Rotary position embeddings (RoPE), in the rotate-half layout of GPT-NeoX and
+Hugging Face Llama: dims [0, head_dim / 2) pair with [head_dim / 2, head_dim)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, *, device=None,
+                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each (max_len, head_dim): row p rotates position p. Computed in
+    float64 and cast, so tables agree across dtypes and devices."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, head_dim) by the (T, head_dim) tables of its positions."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
