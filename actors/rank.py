@@ -82,7 +82,25 @@ class RankActor:
         log.info("joined: %s", self.mesh)
         return str(self.mesh.device)
 
-    def build(self, model, plan, loss_fn, optimizer, seed: int, max_grad_norm) -> dict[str, Any]:
+    def nccl_unique_id(self) -> tuple:
+        """A CuPy NCCL unique id, made here for a group this rank leads."""
+        from raytp.comm.cupy_backend import unique_id
+
+        return unique_id()
+
+    def join_cupy(self, rank: int, tp: int, dp: int, tp_id: tuple, dp_id: tuple) -> str:
+        """Join as ``rank`` through CuPy NCCL communicators made from the ids the driver
+        handed out; no torch.distributed world and no TCP rendezvous."""
+        from raytp.comm.cupy_backend import cupy_mesh
+
+        self.rank = self._filter.rank = rank
+        torch.cuda.set_device(0)
+        self.mesh = cupy_mesh(tp, dp, rank, tp_id, dp_id, torch.device("cuda", 0))
+        log.info("joined over CuPy NCCL: %s", self.mesh)
+        return str(self.mesh.device)
+
+    def build(self, model, plan, loss_fn, optimizer, seed: int, max_grad_norm,
+              overlap: bool | None = None) -> dict[str, Any]:
         """Build the model shard from a raytp model config or a zero-argument factory."""
         if self.mesh is None:
             raise RuntimeError("build() before the rank joined its group")
@@ -96,6 +114,8 @@ class RankActor:
             module = module.to(self.mesh.device)
             if plan is not None:
                 module = raytp.parallelize(module, self.mesh, plan)
+        if overlap is not None:
+            raytp.nn.set_overlap(module, overlap)
         self.engine = RankEngine(self.mesh, module, optimizer.build(module.parameters()), loss_fn,
                                  max_grad_norm=max_grad_norm)
         local = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -106,8 +126,8 @@ class RankActor:
             raise RuntimeError("no model on this rank yet: call cluster.build(...) first")
         return self.engine
 
-    def forward(self, batch):
-        return self._engine().forward(batch)
+    def forward(self, batch, batch_id=None):
+        return self._engine().forward(batch, batch_id)
 
     def backward(self):
         return self._engine().backward()
@@ -115,8 +135,8 @@ class RankActor:
     def step(self):
         return self._engine().step()
 
-    def train_step(self, batch):
-        return self._engine().train_step(batch)
+    def train_step(self, batch, batch_id=None, next_batch=None, next_id=None):
+        return self._engine().train_step(batch, batch_id, next_batch, next_id)
 
     def evaluate(self, batch):
         return self._engine().evaluate(batch)
@@ -137,3 +157,6 @@ class RankActor:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for comm in (getattr(self.mesh, "tp_comm", None), getattr(self.mesh, "dp_comm", None)):
+            if hasattr(comm, "close"):
+                comm.close()

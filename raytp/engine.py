@@ -21,6 +21,7 @@ from raytp.comm import count_collectives
 from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, sync_grads
+from raytp.streams import copy_to_device
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,22 @@ def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]):
     return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).float().mean().item()}
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors on ``device`` from a dict of numpy arrays or CPU tensors."""
+def to_device(batch: Mapping[str, Any], device: torch.device, stream=None):
+    """Tensors on ``device`` from a dict of numpy arrays or CPU tensors, and the copies
+    the compute stream must wait for. On CUDA they are copied from pinned memory on
+    ``stream`` (the data stream), so they can be issued ahead of use."""
     if not isinstance(batch, Mapping) or not batch:
         raise ValueError(f"a batch is a non-empty dict of arrays, got {type(batch).__name__}")
-    out = {}
+    out, pending = {}, []
     for key, value in batch.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.array(value))  # the object store's arrays are read-only
         elif not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
-        out[key] = value.to(device, non_blocking=True)
-    return out
+        out[key], work = copy_to_device(value, device, stream)
+        if work is not None:
+            pending.append(work)
+    return out, pending
 
 
 def batch_items(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -81,6 +86,7 @@ class RankEngine:
         self.step_count = 0
         self._loss: torch.Tensor | None = None
         self._pending: dict[str, Any] = {}
+        self._prefetched: tuple | None = None  # (batch id, tensors, copies in flight)
         self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
 
     def _compute_loss(self, batch):
@@ -99,12 +105,32 @@ class RankEngine:
         self._comm["comm_s"] += counter.seconds
         self._comm["collectives"] += counter.count()
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def prefetch(self, batch: Mapping[str, Any], batch_id: int) -> None:
+        """Start copying the batch that the next step will use (on the data stream)."""
+        self._prefetched = (batch_id, *to_device(batch, self.mesh.device, self.mesh.streams.data))
+
+    def _device_batch(self, batch, batch_id) -> dict[str, torch.Tensor]:
+        """The batch on this rank's device: the prefetched copy when it is this batch."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or batch_id is None or prefetched[0] != batch_id:
+            return self._copy_now(batch)
+        tensors, pending = prefetched[1:]
+        for work in pending:
+            work.wait()
+        return tensors
+
+    def _copy_now(self, batch) -> dict[str, torch.Tensor]:
+        tensors, pending = to_device(batch, self.mesh.device, self.mesh.streams.data)
+        for work in pending:
+            work.wait()
+        return tensors
+
+    def forward(self, batch: Mapping[str, Any], batch_id: int | None = None) -> dict[str, Any]:
         if self.optimizer is None:
             raise RuntimeError("forward() before build(): this rank holds no model")
         reset_peak_memory(self.mesh.device)
         self.model.train()
-        batch = to_device(batch, self.mesh.device)
+        batch = self._device_batch(batch, batch_id)
         with self._phase("forward"):
             self._loss, extras = self._compute_loss(batch)
         self._pending.update(batch_items=batch_items(batch), extras=extras)
@@ -134,8 +160,13 @@ class RankEngine:
         self.step_count += 1
         return metrics
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        self.forward(batch)
+    def train_step(self, batch: Mapping[str, Any], batch_id: int | None = None,
+                   next_batch: Mapping[str, Any] | None = None, next_id: int | None = None):
+        """Forward, backward and step; the copy of ``next_batch`` (the next step's) starts
+        once this step's forward is queued, so that it overlaps the backward."""
+        self.forward(batch, batch_id)
+        if next_batch is not None:
+            self.prefetch(next_batch, next_id)
         self.backward()
         return self.step()
 
@@ -144,7 +175,7 @@ class RankEngine:
         if self.optimizer is None:
             raise RuntimeError("evaluate() before build(): this rank holds no model")
         self.model.eval()
-        loss, extras = self._compute_loss(to_device(batch, self.mesh.device))
+        loss, extras = self._compute_loss(self._copy_now(batch))  # keeps any prefetched batch
         return {"loss": loss.item(), **extras}
 
     def _step_metrics(self, norm) -> dict[str, Any]:

@@ -62,9 +62,12 @@ class DeviceMesh:
         return mesh
 
     def _init(self, tp_comm, dp_comm, device, rank):
+        from raytp.streams import Streams
+
         self.tp_comm, self.dp_comm = tp_comm, dp_comm
         self.device = device
         self.rank = rank
+        self.streams = Streams.for_device(device)  # compute, communication and data streams
         self._torch_mesh = None
 
     @property

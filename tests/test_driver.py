@@ -184,7 +184,8 @@ def test_interrupt_keeps_the_cluster_usable_and_closing_leaves_nothing(ray_local
         cluster.build(Net, plan=PLAN)
         with pytest.raises(KeyboardInterrupt):
             cluster.fit(interrupted(make_batches(10)), progress=False)
-        assert cluster.train_step(make_batches(1)[0])["step"] == 3  # steps 0-2 finished
+        finished = len(cluster.history)  # every step submitted before the interrupt
+        assert finished >= 2 and cluster.train_step(make_batches(1)[0])["step"] == finished
         handles, pg = list(cluster.actors), cluster._pg
         raise KeyboardInterrupt  # interrupted again, inside the with block
     assert cluster.actors == [] and "closed" in repr(cluster)

@@ -6,7 +6,7 @@ import atexit
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -19,6 +19,14 @@ from raytp.optim import AdamW
 log = logging.getLogger(__name__)
 
 _open: weakref.WeakSet = weakref.WeakSet()
+BACKENDS = ("auto", "torch", "cupy-nccl")
+
+
+class PutBatch(NamedTuple):
+    """A batch in the object store: its id and the object each rank reads, in rank order."""
+
+    id: int
+    refs: list
 
 
 class Pending:
@@ -55,8 +63,10 @@ class TPCluster:
 
     Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
     process is in) or starts an embedded local one. Raises a clear error within
-    ``timeout_s`` when the cluster cannot place the ranks. Use it as a context
-    manager, or call :meth:`close`.
+    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` is "torch"
+    (torch.distributed: NCCL on GPUs, gloo on CPU; the default) or "cupy-nccl" (NCCL
+    communicators made through CuPy from unique ids the driver hands out; needs the
+    ``cuda12``/``cuda13`` extra). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, tp: int = 2, dp: int = 1, *, device: str = "auto", backend: str = "auto",
@@ -65,8 +75,10 @@ class TPCluster:
         for name, value in (("tp", tp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend={backend!r} must be 'auto' or 'torch'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+        if backend == "cupy-nccl" and device == "cpu":
+            raise ValueError("backend='cupy-nccl' is NCCL: it needs device='cuda' (or 'auto' on GPUs)")
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
         self.timeout_s, self.phase_timeout_s = timeout_s, phase_timeout_s
         self.actors: list = []
@@ -75,14 +87,19 @@ class TPCluster:
         self._rows: list[dict] = []
         self._history: list[dict] = []
         self._unread: list[Pending] = []
+        self._batches_put = 0
         self._owns_ray = launch.connect(address)
         _open.add(self)
         try:
             self.device = launch.resolve_device(device, self.world_size)
+            if backend == "cupy-nccl" and self.device != "cuda":
+                raise ValueError("backend='cupy-nccl' needs GPUs; the cluster has too few")
+            self.backend = "torch" if backend == "auto" else backend
             self._pg = launch.reserve(tp, dp, self.device, timeout_s)
             self.actors, self.nodes = launch.start_actors(self._pg, tp, dp, self.device,
                                                           logging._checkLevel(log_level))
-            launch.rendezvous(self.actors, tp, dp, self.device, self.nodes[0]["ip"], timeout_s)
+            launch.rendezvous(self.actors, tp, dp, self.device, self.nodes[0]["ip"], timeout_s,
+                              self.backend)
         except BaseException:
             self.close()
             raise
@@ -91,7 +108,8 @@ class TPCluster:
     # -- building -------------------------------------------------------------------
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
-              optimizer=None, seed: int = 0, max_grad_norm: float | None = None) -> dict:
+              optimizer=None, seed: int = 0, max_grad_norm: float | None = None,
+              overlap: bool | None = None) -> dict:
         """Build the model shard on every rank.
 
         ``model`` is a raytp model config (with ``build(mesh, device)``) or a picklable
@@ -101,6 +119,8 @@ class TPCluster:
         ``loss(batch)``, or cross-entropy of ``model(batch["x"])`` against ``batch["y"]``.
         ``optimizer`` is an optimizer spec (default ``raytp.AdamW()``). Every rank seeds
         torch with ``seed`` first, so tp=N holds exactly the shards of tp=1's weights.
+        ``overlap`` turns the overlap of collectives with GEMMs on or off (default: on
+        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`).
         """
         optimizer = optimizer if optimizer is not None else AdamW()
         if not (hasattr(model, "build") or callable(model)):
@@ -109,7 +129,7 @@ class TPCluster:
         for name, value in (("model", model), ("loss_fn", loss_fn), ("plan", plan),
                             ("optimizer", optimizer)):
             _check_picklable(name, value)
-        refs = [a.build.remote(model, plan, loss_fn, optimizer, seed, max_grad_norm)
+        refs = [a.build.remote(model, plan, loss_fn, optimizer, seed, max_grad_norm, overlap)
                 for a in self.actors]
         infos = launch.wait_all(refs, "build", self.phase_timeout_s)
         self._built = True
@@ -119,7 +139,8 @@ class TPCluster:
 
     def forward(self, batch: Mapping[str, Any]) -> Pending:
         """Submit the forward pass (loss) on every rank; returns at once."""
-        return self._submit("forward", self._put_batch(batch))
+        put = self.put_batch(batch)
+        return self._submit("forward", [(ref, put.id) for ref in put.refs])
 
     def backward(self) -> Pending:
         return self._submit("backward")
@@ -132,15 +153,23 @@ class TPCluster:
         """Forward, backward and step on every rank (one call per rank); the step's summary."""
         return self.submit_train_step(batch).result()
 
-    def submit_train_step(self, batch: Mapping[str, Any]) -> Pending:
-        return self._submit("train_step", self._put_batch(batch), finish=self._record)
+    def submit_train_step(self, batch, prefetch: PutBatch | None = None) -> Pending:
+        """Submit one training step on ``batch`` (a dict of arrays, or one already put with
+        :meth:`put_batch`). ``prefetch``, the next step's put batch, is copied to the
+        devices while this step runs (on GPUs, on each rank's data stream)."""
+        put = batch if isinstance(batch, PutBatch) else self.put_batch(batch)
+        nxt = prefetch.refs if prefetch is not None else [None] * self.world_size
+        next_id = prefetch.id if prefetch is not None else None
+        args = [(ref, put.id, n, next_id) for ref, n in zip(put.refs, nxt, strict=True)]
+        return self._submit("train_step", args, finish=self._record)
 
     def evaluate(self, batch: Mapping[str, Any]) -> dict:
         """Loss (and the loss function's extras) without gradients, averaged over DP groups."""
         return self.submit_evaluate(batch).result()
 
     def submit_evaluate(self, batch: Mapping[str, Any]) -> Pending:
-        return self._submit("evaluate", self._put_batch(batch), finish=self._mean_over_dp)
+        return self._submit("evaluate", [(ref,) for ref in self.put_batch(batch).refs],
+                            finish=self._mean_over_dp)
 
     def _mean_over_dp(self, results: list[dict]) -> dict:
         leaders = results[:: self.tp]
@@ -190,12 +219,13 @@ class TPCluster:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _submit(self, phase: str, batch_refs: list | None = None, finish=None) -> Pending:
+    def _submit(self, phase: str, args: list[tuple] | None = None, finish=None) -> Pending:
+        """One call of ``phase`` per rank, with that rank's ``args``."""
         if not self.actors:
             raise RuntimeError("this TPCluster is closed")
         if not self._built:
             raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
-        args = [(ref,) for ref in batch_refs] if batch_refs is not None else [()] * self.world_size
+        args = args if args is not None else [()] * self.world_size
         refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
         pending = Pending(refs, phase, self.phase_timeout_s, finish)
         if finish == self._record:  # a training step: its metrics join the history when read
@@ -211,8 +241,9 @@ class TPCluster:
         while self._unread:
             self._unread.pop(0).result()
 
-    def _put_batch(self, batch: Mapping[str, Any]) -> list:
-        """One object-store copy per DP group; every rank of a TP group gets the same ref."""
+    def put_batch(self, batch: Mapping[str, Any]) -> PutBatch:
+        """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
+        every rank of a TP group reads the same object."""
         arrays = _as_arrays(batch)
         n = next(iter(arrays.values())).shape[0]
         if n % self.dp:
@@ -220,7 +251,8 @@ class TPCluster:
         per_group = n // self.dp
         refs = [ray.put({k: v[d * per_group:(d + 1) * per_group] for k, v in arrays.items()})
                 for d in range(self.dp)]
-        return [refs[rank // self.tp] for rank in range(self.world_size)]
+        self._batches_put += 1
+        return PutBatch(self._batches_put, [refs[rank // self.tp] for rank in range(self.world_size)])
 
     def close(self) -> None:
         """Kill the rank actors and free the placement group (and Ray, if this started it)."""

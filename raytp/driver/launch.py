@@ -87,10 +87,22 @@ def start_actors(pg, tp: int, dp: int, device: str, log_level: int) -> list:
 
 
 def rendezvous(actors: list, tp: int, dp: int, device: str, master_ip: str,
-               timeout_s: float) -> list[str]:
-    """Rank 0 gives a free port on its node; every rank joins concurrently."""
+               timeout_s: float, backend: str = "torch") -> list[str]:
+    """Rank 0 gives a free port on its node; every rank joins concurrently. With the
+    CuPy backend the leader of each group makes its NCCL unique id instead, and the
+    driver hands the ids out."""
+    if backend == "cupy-nccl":
+        return _rendezvous_cupy(actors, tp, dp, timeout_s)
     port = wait_all([actors[0].free_port.remote()], "rendezvous", timeout_s)[0]
     refs = [a.join.remote(rank, len(actors), tp, dp, (master_ip, port), device, timeout_s)
+            for rank, a in enumerate(actors)]
+    return wait_all(refs, "rendezvous", timeout_s)
+
+
+def _rendezvous_cupy(actors: list, tp: int, dp: int, timeout_s: float) -> list[str]:
+    tp_ids = wait_all([actors[d * tp].nccl_unique_id.remote() for d in range(dp)], "rendezvous", timeout_s)
+    dp_ids = wait_all([actors[t].nccl_unique_id.remote() for t in range(tp)], "rendezvous", timeout_s)
+    refs = [a.join_cupy.remote(rank, tp, dp, tp_ids[rank // tp], dp_ids[rank % tp])
             for rank, a in enumerate(actors)]
     return wait_all(refs, "rendezvous", timeout_s)
 

@@ -46,7 +46,7 @@ def measure(cluster, hidden: int, tokens: int, steps: int, warmup: int = 3) -> d
         cluster.train_step(batch)
     blocking = (time.perf_counter() - start) / steps
 
-    ref = cluster._put_batch(batch)
+    ref = cluster.put_batch(batch).refs
     start = time.perf_counter()
     refs = [a.loop_train_steps.remote(r, steps) for a, r in zip(cluster.actors, ref, strict=True)]
     in_actor = max(launch.wait_all(refs, "loop_train_steps", None)) / steps

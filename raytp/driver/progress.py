@@ -36,8 +36,8 @@ def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     summaries, in_flight = [], None
     try:
-        for i, batch in enumerate(islice(batches, steps)):
-            step = cluster.submit_train_step(batch)
+        for i, (put, following) in enumerate(_with_next(cluster, islice(batches, steps))):
+            step = cluster.submit_train_step(put, prefetch=following)
             due = eval_batch is not None and eval_every and (i + 1) % eval_every == 0
             submitted = (step, cluster.submit_evaluate(eval_batch) if due else None)
             if in_flight is not None:
@@ -55,6 +55,18 @@ def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None
     finally:
         bar.close()
     return summaries
+
+
+def _with_next(cluster, batches):
+    """(this batch, the next one), each put into the object store once."""
+    it = iter(batches)
+    first = next(it, None)
+    current = cluster.put_batch(first) if first is not None else None
+    while current is not None:
+        following = next(it, None)
+        following = cluster.put_batch(following) if following is not None else None
+        yield current, following
+        current = following
 
 
 def _finish(in_flight, bar) -> dict:

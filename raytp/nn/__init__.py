@@ -5,7 +5,7 @@ from raytp.nn.attention import ParallelAttention, QKVParallelLinear, check_heads
 from raytp.nn.cross_entropy import vocab_parallel_cross_entropy
 from raytp.nn.embedding import PositionEmbedding, VocabParallelEmbedding, padded_vocab
 from raytp.nn.kv_cache import KVCache
-from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear
+from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear, set_overlap
 from raytp.nn.lm_head import ParallelLMHead
 from raytp.nn.mlp import ParallelMLP
 from raytp.nn.norm import LayerNorm, RMSNorm
@@ -27,5 +27,6 @@ __all__ = [
     "check_heads",
     "padded_vocab",
     "rope_tables",
+    "set_overlap",
     "vocab_parallel_cross_entropy",
 ]

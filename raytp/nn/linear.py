@@ -29,6 +29,7 @@ from torch import nn
 from raytp.comm import ops
 from raytp.comm.functional import check_divisible
 from raytp.mesh import DeviceMesh
+from raytp.nn import overlap
 from raytp.params import ParamSpec, get_spec, materialize_, set_spec
 from raytp.placement import Replicate, Shard, as_placement
 
@@ -45,6 +46,9 @@ class _TPLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.mesh = mesh
         self.sequence_parallel = sequence_parallel
+        # overlap collectives with GEMMs (raytp.nn.overlap): on by default on GPU; see set_overlap
+        self.overlap = mesh.device.type == "cuda"
+        self.overlap_chunks = 2
         weight_shape = torch.Size((out_features, in_features))
         name = "out_features" if self.shard_dim == 0 else "in_features"
         self.blocks = _shard_blocks(blocks, weight_shape[self.shard_dim], mesh.tp_size, name)
@@ -197,9 +201,15 @@ class ColumnParallelLinear(_TPLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.mesh.tp_comm
-        x = ops.all_gather_seq(x, tp, SEQ_DIM) if self.sequence_parallel else ops.copy_to(x, tp)
+        weight = self._sliced(self.weight, self.weight_layout)
         bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
-        y = F.linear(x, self._sliced(self.weight, self.weight_layout), bias)
+        if self.overlap and self.sequence_parallel:
+            y = overlap.all_gather_linear(x, weight, bias, tp, self.overlap_chunks)
+        elif self.overlap:
+            y = overlap.linear_async_grad(x, weight, bias, tp)
+        else:
+            x = ops.all_gather_seq(x, tp, SEQ_DIM) if self.sequence_parallel else ops.copy_to(x, tp)
+            y = F.linear(x, weight, bias)
         return ops.gather_from(y, tp, -1) if self.gather_output else y
 
 
@@ -258,15 +268,33 @@ class RowParallelLinear(_TPLinear):
         tp = self.mesh.tp_comm
         if not self.input_is_parallel:
             x = ops.scatter_to(x, tp, -1)
-        y = F.linear(x, self._sliced(self.weight, self.weight_layout))
+        weight = self._sliced(self.weight, self.weight_layout)
+        if self.sequence_parallel:
+            check_divisible(x.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
+        if self.sequence_parallel and self.overlap:
+            y = overlap.linear_reduce_scatter(x, weight, tp, self.overlap_chunks)
+        else:
+            y = F.linear(x, weight)
         if not self.reduce_output:
             return y + self.bias if self.bias is not None and tp.rank == 0 else y
-        if self.sequence_parallel:
-            check_divisible(y.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
+        if self.sequence_parallel and not self.overlap:
             y = ops.reduce_scatter_seq(y, tp, SEQ_DIM)
-        else:
+        elif not self.sequence_parallel:
             y = ops.reduce_from(y, tp)
         if self.bias is None:
             return y
         sharded = isinstance(get_spec(self.bias).placement, Shard)
         return y + (ops.gather_from(self.bias, tp, 0) if sharded else self.bias)
+
+
+def set_overlap(module: nn.Module, enabled: bool, chunks: int | None = None) -> nn.Module:
+    """Turn the overlap of collectives with GEMMs on or off in every TP linear layer of
+    ``module`` (on by default on GPU, off on CPU); ``chunks`` sets how many pieces a
+    sequence-parallel all-gather / reduce-scatter is cut into. The math is the same
+    either way. Returns ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, _TPLinear):
+            layer.overlap = enabled
+            if chunks is not None:
+                layer.overlap_chunks = chunks
+    return module

@@ -1,0 +1,161 @@
+"""GPU tests, run on the GPU host (`pytest -m gpu`): NCCL through torch.distributed and
+through CuPy, overlap on and off, memory over a long run, and TPCluster on GPUs."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import _dist
+from helpers import mesh, world
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
+]
+
+BACKENDS = ["torch", "cupy-nccl"]
+
+
+@functools.cache
+def _cupy_mesh(tp, dp):
+    from raytp.comm.cupy_backend import make_cupy_mesh
+
+    return make_cupy_mesh(mesh(tp, dp))
+
+
+def _mesh(backend, tp, dp=1):
+    return mesh(tp, dp) if backend == "torch" else _cupy_mesh(tp, dp)
+
+
+def _config(**kw):
+    from raytp.models import GPTConfig
+
+    base = dict(vocab_size=250, n_layers=2, n_heads=8, n_kv_heads=2, d_model=128, d_ff=256,
+                max_seq_len=64, norm="rmsnorm", activation="swiglu", positions="rope", bias=False,
+                tie_embeddings=False, dtype="float32")
+    return GPTConfig(**{**base, **kw})
+
+
+def _train(model, mesh_, steps, seed=0):
+    import raytp
+
+    opt = raytp.AdamW(lr=1e-3).build(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=g).to(mesh_.device)
+        loss = model.loss({"input_ids": ids})
+        loss.backward()
+        raytp.sync_grads(model, mesh_)
+        raytp.clip_grad_norm_(model.parameters(), 1.0, mesh_)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _check_gpt_parity(backend, sp, overlap):
+    """tp=2 over ``backend`` equals tp=1 (both ranks hold the whole model) for 10 steps."""
+    import raytp
+
+    rank, n = world()
+    losses = {}
+    for tp in (1, 2):
+        m = _mesh(backend, tp, n // tp)
+        torch.manual_seed(0)
+        model = _config(sequence_parallel=sp and tp > 1).build(m)
+        raytp.nn.set_overlap(model, overlap)
+        losses[tp] = _train(model, m, 10)
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
+    return losses[2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "sp"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_gpt_tp2_matches_tp1(backend, sp, overlap):
+    _dist.run(2, _check_gpt_parity, backend, sp, overlap, backend="nccl")
+
+
+def _check_overlap_agrees(backend, sp):
+    """The bf16 MLP block at hidden 4096 with overlap on and off: the same output and grads."""
+    import raytp
+    from raytp.nn import ParallelMLP
+
+    rank, n = world()
+    m = _mesh(backend, n)
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        mlp = ParallelMLP(4096, 16384, mesh=m, bias=False, sequence_parallel=sp, dtype=torch.bfloat16,
+                          device=m.device)
+        raytp.nn.set_overlap(mlp, enabled, chunks=4)
+        g = torch.Generator(device=m.device).manual_seed(1)
+        x = torch.randn(1, 4096, 4096, device=m.device, dtype=torch.bfloat16, generator=g)
+        x = (x.chunk(n, 1)[rank] if sp else x).clone().requires_grad_()
+        y = mlp(x)
+        y.float().pow(2).mean().backward()
+        results.append([y.detach().float(), x.grad.float()] + [p.grad.float() for p in mlp.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "sp"])
+def test_overlap_on_and_off_agree(backend, sp):
+    _dist.run(2, _check_overlap_agrees, backend, sp, backend="nccl")
+
+
+def _check_memory_flat(backend):
+    """Peak allocated memory of a bf16 training step does not grow over 100 steps."""
+    import raytp
+
+    m = _mesh(backend, 2)
+    torch.manual_seed(0)
+    model = _config(dtype="bfloat16", d_model=512, d_ff=2048, n_layers=4, sequence_parallel=True).build(m)
+    opt = raytp.AdamW(lr=1e-4).build(model.parameters())
+    peaks = []
+    for _step in range(100):
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, 250, (8, 64), device=m.device)
+        model.loss({"input_ids": ids}).backward()
+        raytp.sync_grads(model, m)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert max(peaks[10:]) <= peaks[10] * 1.01 + 2**20, (peaks[10], max(peaks[10:]))
+    return peaks[10], peaks[-1], torch.cuda.memory_allocated()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peak_memory_does_not_grow_over_100_steps(backend):
+    _dist.run(2, _check_memory_flat, backend, backend="nccl")
+
+
+def test_tpcluster_backends_agree_on_gpus():
+    """Ray GPU actors, one GPU each: the demo model over torch.distributed NCCL and over
+    CuPy NCCL gives the same losses, and learns."""
+    import ray
+
+    import raytp
+    from raytp.driver.demo import PLAN, DigitsMLP, batches, load_digits
+
+    train, test = load_digits()
+    ray.init(num_gpus=2, include_dashboard=False, ignore_reinit_error=True)
+    losses, accuracy = {}, {}
+    try:
+        for backend in BACKENDS:
+            with raytp.TPCluster(tp=2, device="cuda", backend=backend) as cluster:
+                cluster.build(DigitsMLP, plan=PLAN, optimizer=raytp.AdamW(lr=2e-3), seed=0)
+                history = cluster.fit(batches(train, 128, 8), progress=False)
+                accuracy[backend] = cluster.evaluate(test)["accuracy"]
+                rows = cluster.metrics()
+            losses[backend] = [h["loss"] for h in history]
+            assert all(r["peak_mem_bytes"] > 0 for r in rows)
+    finally:
+        ray.shutdown()
+    assert min(accuracy.values()) > 0.95, accuracy
+    np.testing.assert_allclose(losses["cupy-nccl"], losses["torch"], rtol=1e-4)
