@@ -160,3 +160,17 @@ class RankActor:
         for comm in (getattr(self.mesh, "tp_comm", None), getattr(self.mesh, "dp_comm", None)):
             if hasattr(comm, "close"):
                 comm.close()
+
+    # -- checkpoints: the core does the work (raytp.checkpoint, raytp.models.hf_export) --
+
+    def save(self, directory: str) -> dict[str, Any]:
+        """Write this rank's shards into ``directory`` (see ``RankEngine.save_shard``)."""
+        return self._engine().save_shard(directory)
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Load a checkpoint saved at any tp into this rank's model and optimizer."""
+        return self._engine().load_checkpoint(path)
+
+    def export_hf(self, directory: str) -> bool:
+        """Write the model as a Hugging Face checkpoint (collective; rank 0 writes)."""
+        return self._engine().export_hf(directory)

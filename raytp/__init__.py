@@ -4,7 +4,7 @@ The core (this package without :mod:`raytp.driver`) is pure PyTorch and runs the
 same under Ray actors, ``torchrun`` or test processes.
 """
 
-from raytp import comm, models, nn
+from raytp import checkpoint, comm, models, nn
 from raytp.dtensor import DTensor
 from raytp.mesh import DeviceMesh, init_distributed
 from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
@@ -36,6 +36,7 @@ __all__ = [
     "Partial",
     "Replicate",
     "Shard",
+    "checkpoint",
     "clip_grad_norm_",
     "comm",
     "models",

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytp.checkpoint import load_rank, save_rank
 from raytp.comm import count_collectives
 from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, sync_grads
+from raytp.random import rng_state, set_rng_state
 from raytp.streams import copy_to_device
 
 log = logging.getLogger(__name__)
@@ -177,6 +179,34 @@ class RankEngine:
         self.model.eval()
         loss, extras = self._compute_loss(self._copy_now(batch))  # keeps any prefetched batch
         return {"loss": loss.item(), **extras}
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_shard(self, directory: str) -> dict[str, Any]:
+        """This rank's part of a checkpoint save: its file (DP rank 0 only) and, on rank 0,
+        the index's description of the run (see :func:`raytp.checkpoint.save_rank`)."""
+        return save_rank(directory, self.model, self.optimizer, self.mesh, step=self.step_count)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Load model, optimizer state, step and RNG states from a checkpoint saved at any tp;
+        returns ``{"step", "data_position", "extra"}``."""
+        state = load_rank(path, self.model, self.optimizer, self.mesh)
+        self.step_count = state["step"]
+        self._loss, self._pending = None, {}
+        return state
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The RNG states this rank draws from (torch's, and the model's RNGTracker if any)."""
+        return rng_state(getattr(self.model, "rng", None), self.mesh.device)
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        set_rng_state(states, getattr(self.model, "rng", None), self.mesh.device, same_tp_rank=True)
+
+    def export_hf(self, directory: str) -> bool:
+        """Write the model as a Hugging Face checkpoint (collective; rank 0 writes)."""
+        from raytp.models.hf_export import export_hf
+
+        return export_hf(self.model, self.mesh, directory)
 
     def _step_metrics(self, norm) -> dict[str, Any]:
         seconds = self.timer.collect()

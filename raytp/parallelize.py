@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -10,46 +11,74 @@ from raytp.mesh import DeviceMesh
 from raytp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
-def _colwise(module, mesh):
-    return ColumnParallelLinear.from_linear(module, mesh)
+@dataclass(frozen=True)
+class Colwise:
+    """Column-parallel: output sharded on the last dim (gathered with ``gather_output``);
+    ``blocks`` for a fused output (see :class:`~raytp.nn.ColumnParallelLinear`)."""
+
+    gather_output: bool = False
+    blocks: tuple | None = None
+    kind = nn.Linear
+
+    def __call__(self, module: nn.Linear, mesh: DeviceMesh) -> ColumnParallelLinear:
+        return ColumnParallelLinear.from_linear(module, mesh, gather_output=self.gather_output,
+                                                blocks=self.blocks)
 
 
-def _colwise_gather(module, mesh):
-    return ColumnParallelLinear.from_linear(module, mesh, gather_output=True)
+@dataclass(frozen=True)
+class Rowwise:
+    """Row-parallel: input sharded on the last dim (or replicated and sliced here with
+    ``input_is_parallel=False``), output all-reduced."""
+
+    input_is_parallel: bool = True
+    kind = nn.Linear
+
+    def __call__(self, module: nn.Linear, mesh: DeviceMesh) -> RowParallelLinear:
+        return RowParallelLinear.from_linear(module, mesh, input_is_parallel=self.input_is_parallel)
 
 
-def _rowwise(module, mesh):
-    return RowParallelLinear.from_linear(module, mesh)
+@dataclass(frozen=True)
+class Vocab:
+    """Vocabulary rows sharded (padded to a multiple of tp), output all-reduced."""
+
+    kind = nn.Embedding
+
+    def __call__(self, module: nn.Embedding, mesh: DeviceMesh) -> VocabParallelEmbedding:
+        return VocabParallelEmbedding.from_embedding(module, mesh)
 
 
-def _vocab(module, mesh):
-    return VocabParallelEmbedding.from_embedding(module, mesh)
-
-
-# style -> (the module type it replaces, the factory of its TP version)
 STYLES = {
-    "colwise": (nn.Linear, _colwise),  # output sharded on the last dim
-    "colwise_gather": (nn.Linear, _colwise_gather),  # output gathered, replicated
-    "rowwise": (nn.Linear, _rowwise),  # input sharded on the last dim, output all-reduced
-    "vocab": (nn.Embedding, _vocab),  # vocabulary rows sharded, output all-reduced
+    "colwise": Colwise(),  # output sharded on the last dim
+    "colwise_gather": Colwise(gather_output=True),  # output gathered, replicated
+    "rowwise": Rowwise(),  # input sharded on the last dim, output all-reduced
+    "vocab": Vocab(),  # vocabulary rows sharded, output all-reduced
 }
+Style = Colwise | Rowwise | Vocab
 
 
-def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str]) -> nn.Module:
+def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str | Style] | str) -> nn.Module:
     """Replace the submodules named in ``plan`` by TP versions holding this rank's slices
     of their own weights, so that ``module`` computes the same function. Returns it.
 
-    ``plan`` maps a pattern of a submodule's qualified name to a style from
-    :data:`STYLES`. A pattern is matched one dotted part at a time with shell
+    ``plan`` maps a pattern of a submodule's qualified name to a style: a name from
+    :data:`STYLES` or a style object (:class:`Colwise`, :class:`Rowwise`,
+    :class:`Vocab`). A pattern is matched one dotted part at a time with shell
     wildcards (``"layers.*.mlp.fc1"``). A pattern that matches nothing, a name two
     patterns match, a module of the wrong type or a size tp does not divide is a
     ``ValueError`` naming it. A column-parallel layer must feed a row-parallel one
     (or be gathered): the code between them sees (..., features / tp).
+
+    ``plan="auto"`` parallelizes a Hugging Face ``transformers`` model: with the TP plan
+    it ships, or raytp's plan for GPT-2 and BERT (see :mod:`raytp.models.hf_parallel`).
     """
+    if plan == "auto":
+        from raytp.models.hf_parallel import parallelize_hf
+
+        return parallelize_hf(module, mesh)
     if not isinstance(plan, dict) or not plan:
-        raise ValueError(f"plan must be a non-empty dict of pattern -> style, got {plan!r}")
+        raise ValueError(f"plan must be a non-empty dict of pattern -> style, or 'auto'; got {plan!r}")
     for pattern, style in plan.items():
-        if style not in STYLES:
+        if not isinstance(style, (Colwise, Rowwise, Vocab)) and style not in STYLES:
             raise ValueError(f"plan[{pattern!r}] = {style!r} is not one of {sorted(STYLES)}")
     names = [name for name, _ in module.named_modules() if name]
     chosen: dict[str, str] = {}
@@ -63,7 +92,8 @@ def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str]) -> nn
                 raise ValueError(f"submodule {name!r} matches more than one plan pattern")
             chosen[name] = style
     for name, style in chosen.items():
-        kind, factory = STYLES[style]
+        factory = STYLES[style] if isinstance(style, str) else style
+        kind = factory.kind
         sub = module.get_submodule(name)
         if type(sub) is not kind:
             raise ValueError(f"{name!r} is a {type(sub).__name__}; style {style!r} needs "

@@ -96,17 +96,42 @@ class ParamSpec:
             part.copy_(buffer.narrow(dim, start + index * chunk, chunk))
             start += size
 
+    def local_ranges(self, tp_rank: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` along the shard dim of the full parameter of each part that
+        ``tp_rank`` holds, in the order of its local tensor (one per block)."""
+        ranges, start = [], 0
+        for size, n_shards in self.blocks:
+            chunk = size // n_shards
+            index = tp_rank * n_shards // self.tp_size
+            ranges.append((start + index * chunk, start + (index + 1) * chunk))
+            start += size
+        return ranges
+
+    def saved_parts(self) -> list[tuple[int, int, int]]:
+        """Where each part of the full parameter lies in the local tensors of the tp ranks:
+        ``(tp_rank, local_start, length)`` along the shard dim, in the order of the full
+        tensor. A chunk held by several ranks is taken from the first of them."""
+        parts, local_start = [], 0
+        for (_, n_shards), (local_size, replicas) in zip(self.blocks, self.local_blocks(), strict=True):
+            parts += [(k * replicas, local_start, local_size) for k in range(n_shards)]
+            local_start += local_size
+        return parts
+
     def shard(self, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
         """This rank's part of the full parameter (a contiguous copy)."""
         if isinstance(self.placement, Replicate):
             return full.detach().clone()
-        dim, parts, start = self.placement.dim, [], 0
-        for size, n_shards in self.blocks:
-            chunk = size // n_shards
-            index = tp_rank * n_shards // self.tp_size
-            parts.append(full.narrow(dim, start + index * chunk, chunk))
-            start += size
+        dim = self.placement.dim
+        parts = [full.narrow(dim, start, stop - start) for start, stop in self.local_ranges(tp_rank)]
         return torch.cat(parts, dim).contiguous()
+
+    def assemble(self, local_tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The full parameter from every tp rank's local tensor (the inverse of :meth:`shard`)."""
+        if isinstance(self.placement, Replicate):
+            return local_tensors[0]
+        dim = self.placement.dim
+        return torch.cat([local_tensors[rank].narrow(dim, start, length)
+                          for rank, start, length in self.saved_parts()], dim)
 
 
 def set_spec(param: torch.Tensor, spec: ParamSpec) -> torch.Tensor:

@@ -93,3 +93,30 @@ class TPDropout(nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}, region={self.region!r}"
+
+
+def rng_state(tracker: RNGTracker | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every RNG state a rank's training draws from, as CPU byte tensors: torch's CPU
+    generator, the CUDA one of ``device``, and ``tracker``'s regions."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if tracker is not None:
+        states |= {f"tracker/{region}": state.clone() for region, state in tracker.states.items()}
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor], tracker: RNGTracker | None, device: torch.device,
+                  *, same_tp_rank: bool) -> None:
+    """Restore what :func:`rng_state` returned. The tracker's ``"sharded"`` region is
+    restored only on the same TP rank of the same tp (``same_tp_rank``): under another
+    tp a rank holds other heads, so it keeps the state it was seeded with."""
+    torch.set_rng_state(states["torch_cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    if tracker is None:
+        return
+    for region in tracker.states:
+        key = f"tracker/{region}"
+        if key in states and (region == "replicated" or same_tp_rank):
+            tracker.states[region] = states[key].clone()

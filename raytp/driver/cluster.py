@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import ray
 
-from raytp.driver import launch
+from raytp.driver import checkpointing, launch
 from raytp.driver.progress import fit_loop
 from raytp.metrics import summarize_step
 from raytp.optim import AdamW
@@ -84,6 +84,7 @@ class TPCluster:
         self.actors: list = []
         self._pg = None
         self._built = False
+        self._data_position = 0  # training batches consumed since build (or as loaded)
         self._rows: list[dict] = []
         self._history: list[dict] = []
         self._unread: list[Pending] = []
@@ -132,7 +133,7 @@ class TPCluster:
         refs = [a.build.remote(model, plan, loss_fn, optimizer, seed, max_grad_norm, overlap)
                 for a in self.actors]
         infos = launch.wait_all(refs, "build", self.phase_timeout_s)
-        self._built = True
+        self._built, self._data_position = True, 0
         return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos]}
 
     # -- phases -----------------------------------------------------------------------
@@ -140,6 +141,7 @@ class TPCluster:
     def forward(self, batch: Mapping[str, Any]) -> Pending:
         """Submit the forward pass (loss) on every rank; returns at once."""
         put = self.put_batch(batch)
+        self._data_position += 1
         return self._submit("forward", [(ref, put.id) for ref in put.refs])
 
     def backward(self) -> Pending:
@@ -161,6 +163,7 @@ class TPCluster:
         nxt = prefetch.refs if prefetch is not None else [None] * self.world_size
         next_id = prefetch.id if prefetch is not None else None
         args = [(ref, put.id, n, next_id) for ref, n in zip(put.refs, nxt, strict=True)]
+        self._data_position += 1
         return self._submit("train_step", args, finish=self._record)
 
     def evaluate(self, batch: Mapping[str, Any]) -> dict:
@@ -273,6 +276,29 @@ class TPCluster:
     def __repr__(self):
         state = "closed" if not self.actors else self.device
         return f"TPCluster(tp={self.tp}, dp={self.dp}, {state})"
+
+    # -- checkpoints (raytp.driver.checkpointing) ----------------------------------------
+
+    @property
+    def data_position(self) -> int:
+        """Training batches consumed since ``build`` (``train_step``, ``forward``, ``fit``),
+        as restored by :meth:`load`: skip that many to resume the data where it was."""
+        return self._data_position
+
+    def save(self, path: str, *, extra: dict | None = None) -> str:
+        """Save a sharded checkpoint (model, optimizer state, step, RNG states, data position
+        and the JSON-able ``extra``) to ``path``, atomically; see
+        :func:`raytp.driver.checkpointing.save`."""
+        return checkpointing.save(self, path, extra=extra)
+
+    def load(self, path: str) -> dict:
+        """Load a checkpoint saved at any tp into the built model; returns ``{"step",
+        "data_position", "extra"}``."""
+        return checkpointing.load(self, path)
+
+    def export_hf(self, path: str) -> str:
+        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
+        return checkpointing.export_hf(self, path)
 
 
 def _as_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -100,11 +100,13 @@ class GPT(nn.Module):
     1 / sqrt(2 n_layers), zero biases) by drawing each full weight and keeping this
     rank's slice: the same seed gives the same model at every tp. The dropout RNG
     (:class:`raytp.random.RNGTracker`) is seeded with ``dropout_seed``, or else with
-    a number drawn from torch's default generator (the same on every rank).
+    a number drawn from torch's default generator (the same on every rank). With
+    ``init=False`` the parameters are left uninitialized, for a loader to fill
+    (:func:`raytp.models.from_pretrained`).
     """
 
     def __init__(self, config: GPTConfig, mesh: DeviceMesh, *, device=None,
-                 dropout_seed: int | None = None):
+                 dropout_seed: int | None = None, init: bool = True):
         super().__init__()
         config.check_tp(mesh.tp_size)
         self.config, self.mesh = config, mesh
@@ -113,7 +115,8 @@ class GPT(nn.Module):
         self.rng = RNGTracker(drawn if dropout_seed is None else dropout_seed, mesh.tp_rank, device)
         self._build(config, mesh)
         materialize_(self, device)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
         if config.positions == "rope":
             cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta,
                                    device=device, dtype=config.torch_dtype)

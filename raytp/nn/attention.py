@@ -1,4 +1,5 @@
-"""Causal self-attention split over the TP group by heads (Megatron-LM, section 3).
+"""Self-attention (causal, or bidirectional for encoders) split over the TP group by
+heads (Megatron-LM, section 3).
 
 The fused Q/K/V projection is column-parallel: each rank holds the projections of
 its query heads and of the key/value heads they use, computes attention on them
@@ -90,8 +91,23 @@ def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
     return torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
 
 
+def attention_mask(q_len: int, k_len: int, causal: bool, key_mask: torch.Tensor | None,
+                   device) -> tuple[torch.Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention``. ``key_mask`` (B, k_len),
+    nonzero where a key may be attended to (a padding mask), becomes (B, 1, 1, k_len) bool,
+    combined with the causal mask when ``causal``."""
+    if key_mask is None:
+        if not causal:
+            return None, False
+        return (None, True) if q_len == k_len else (_causal_mask(q_len, k_len, device), False)
+    mask = key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, k_len)
+    causal_mask = _causal_mask(q_len, k_len, device) if causal else None
+    return (mask if causal_mask is None else mask & causal_mask), False
+
+
 class ParallelAttention(nn.Module):
-    """Causal multi-head (grouped-query) self-attention split over the TP group by heads.
+    """Multi-head (grouped-query) self-attention split over the TP group by heads: causal,
+    or bidirectional with ``causal=False`` (encoders).
 
     Input and output (B, T, d_model), replicated; or (B, T / tp, d_model), split along
     the sequence, with ``sequence_parallel``. ``qkv`` is a :class:`QKVParallelLinear`,
@@ -99,7 +115,8 @@ class ParallelAttention(nn.Module):
     (B, heads_per_rank, T, head_dim) through ``scaled_dot_product_attention``.
     ``forward(x, rope=(cos, sin), kv_cache=...)``: the (T, head_dim) RoPE tables of
     the input's positions (None for no rotation), and a :class:`KVCache` to append
-    to and attend over. Attention-probability dropout draws from ``rng``'s sharded
+    to and attend over; ``attn_mask`` (B, T_keys), nonzero at the keys that may be
+    attended to (padding masked out). Attention-probability dropout draws from ``rng``'s sharded
     state: each rank holds different heads.
     Collectives: forward one all-reduce; backward one all-reduce (under sequence
     parallelism, each an all-gather and a reduce-scatter).
@@ -107,14 +124,15 @@ class ParallelAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
                  mesh: DeviceMesh, bias: bool = True, sequence_parallel: bool = False,
-                 dropout: float = 0.0, rng: RNGTracker | None = None, device=None, dtype=None):
+                 dropout: float = 0.0, rng: RNGTracker | None = None, causal: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if dropout > 0 and rng is None:
             raise ValueError("attention dropout > 0 needs an RNGTracker (rng=...)")
         self.head_dim = d_model // n_heads
-        self.dropout, self.rng = dropout, rng
+        self.dropout, self.rng, self.causal = dropout, rng, causal
         self.sequence_parallel = sequence_parallel
         factory = {"mesh": mesh, "bias": bias, "sequence_parallel": sequence_parallel,
                    "device": device, "dtype": dtype}
@@ -122,7 +140,7 @@ class ParallelAttention(nn.Module):
         self.proj = RowParallelLinear(n_heads * self.head_dim, d_model, **factory)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, T, local features) each; all of T under sequence parallelism
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads_per_rank, hd)
@@ -131,18 +149,17 @@ class ParallelAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads_per_rank, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, kv_heads_per_rank, cached + T, hd)
-        out = self._attend(q, k, v)  # (B, heads_per_rank, T, hd)
+        out = self._attend(q, k, v, attn_mask)  # (B, heads_per_rank, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, key_mask):
         group = q.shape[1] // k.shape[1]  # query heads per key/value head
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        q_len, k_len = q.shape[2], k.shape[2]
-        mask = None if q_len == k_len else _causal_mask(q_len, k_len, q.device)
+        mask, is_causal = attention_mask(q.shape[2], k.shape[2], self.causal, key_mask, q.device)
         p = self.dropout if self.training else 0.0
         if p == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=q_len == k_len)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         with self.rng.fork("sharded"):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                  is_causal=q_len == k_len)
+                                                  is_causal=is_causal)

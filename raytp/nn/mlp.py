@@ -9,7 +9,7 @@ from torch import nn
 from raytp.mesh import DeviceMesh
 from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu_tanh: GPT-2's "gelu_new"
 
 
 class ParallelMLP(nn.Module):
@@ -19,7 +19,8 @@ class ParallelMLP(nn.Module):
     the sequence, with ``sequence_parallel``. The (..., ffn / tp) activation in
     between stays on its rank. ``activation="swiglu"`` fuses the gate and up
     projections into one column-parallel GEMM (blocks [gate | up]) and computes
-    ``silu(gate) * up``. Collectives: forward one all-reduce; backward one all-reduce
+    ``silu(gate) * up``; ``"gelu_tanh"`` is GELU's tanh approximation. Collectives:
+    forward one all-reduce; backward one all-reduce
     (under sequence parallelism each becomes an all-gather and a reduce-scatter).
     """
 
@@ -42,5 +43,5 @@ class ParallelMLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.fc_out(h)

@@ -1,0 +1,76 @@
+"""The driver's part of checkpoints: a staging directory, the ranks' files, the index,
+and the rename that makes a checkpoint complete. The ranks do the tensor work through
+:mod:`raytp.checkpoint` (``RankActor.save`` / ``load`` / ``export_hf``).
+
+The checkpoint path must be on a filesystem the driver and every rank see (one node,
+or a shared mount).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from raytp.checkpoint.files import commit_dir, staging_dir
+from raytp.checkpoint.sharded import read_index, write_index
+
+log = logging.getLogger(__name__)
+
+
+def _staged(cluster, path: str | Path, method: str, *args) -> tuple[Path, Path, list]:
+    """Run ``method(staging, *args)`` on every rank, into a fresh staging directory beside
+    ``path``; the directory is removed if a rank fails."""
+    if not cluster._built:
+        raise RuntimeError(f"{method}() before build(): there is no model to save")
+    path = Path(path).resolve()
+    staging = staging_dir(path, uuid.uuid4().hex[:12])
+    staging.mkdir(parents=True)
+    try:
+        return path, staging, cluster.run(method, str(staging), *args)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save(cluster, path: str | Path, *, extra: dict[str, Any] | None = None) -> str:
+    """Every rank writes its shards (DP rank 0 of each shard) into ``path.tmp-<nonce>/``;
+    the driver adds the index (with the data position it counted and ``extra``) and
+    renames the directory to ``path``. A previous checkpoint at ``path`` is replaced only
+    then, so a crash leaves it intact."""
+    cluster._drain()
+    path, staging, results = _staged(cluster, path, "save")
+    try:
+        files = {name: record for r in results for name, record in r["files"].items()}
+        write_index(staging, results[0]["meta"], files, data_position=cluster._data_position, extra=extra)
+        commit_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("saved %s (step %d, data position %d)", path, results[0]["meta"]["step"],
+             cluster._data_position)
+    return str(path)
+
+
+def load(cluster, path: str | Path) -> dict[str, Any]:
+    """Load ``path`` on every rank (resharding to this cluster's tp) and restore the data
+    position; returns ``{"step", "data_position", "extra"}``."""
+    if not cluster._built:
+        raise RuntimeError("load() before build(): build the same model first, then load its state")
+    read_index(Path(path))  # a clear error here rather than one per rank
+    cluster._drain()
+    state = cluster.run("load", str(Path(path).resolve()))[0]
+    cluster._data_position = state["data_position"]
+    return state
+
+
+def export_hf(cluster, path: str | Path) -> str:
+    """Gather the model and write it as a Hugging Face checkpoint at ``path`` (atomically)."""
+    path, staging, results = _staged(cluster, path, "export_hf")
+    if not any(results):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError("no rank wrote the export")
+    commit_dir(staging, path)
+    return str(path)
