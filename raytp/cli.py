@@ -15,8 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     demo.add_argument("--no-progress", action="store_true")
-    bench = commands.add_parser("bench", help="benchmarks")
-    modes = bench.add_subparsers(dest="mode", required=True)
+    bench = commands.add_parser(
+        "bench", help="benchmarks: with no mode, every contender on every workload (raytp bench -h)",
+        description="Every contender (one GPU, PyTorch TP, raytp, raytp with overlap, raytp on CuPy "
+                    "NCCL) on the MLP, block and GPT workloads on the same GPUs, then the control "
+                    "plane and the same code under torchrun. Prints a report, writes JSON.")
+    _bench_options(bench)
+    modes = bench.add_subparsers(dest="mode")
     control = modes.add_parser("control-plane",
                                help="driver-coordinated steps against the same steps looped in the actors")
     control.add_argument("--tp", type=int, default=2)
@@ -39,7 +44,51 @@ def main(argv: list[str] | None = None) -> int:
         control_main(tp=args.tp, sizes=tuple(args.sizes), tokens=args.tokens, steps=args.steps,
                      device=args.device, json_path=args.json)
         return 0
+    if args.command == "bench":
+        return _bench(args, argv)
     return 2
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(part) for part in text.split(",") if part)
+
+
+def _bench_options(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--tp", type=int, default=2)
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--workloads", type=_csv(str), default=None,
+                       help="kinds (mlp,block,gpt) or names (mlp-8192,block-2048-sp,...); default all")
+    bench.add_argument("--sizes", type=_csv(int), default=None,
+                       help="MLP hidden sizes and block token counts to keep, e.g. 2048,8192")
+    bench.add_argument("--contenders", type=_csv(str), default=None,
+                       help="one-gpu,torch-tp,raytp,raytp-overlap,raytp-cupy (default all)")
+    bench.add_argument("--json", default=None, help="write the full results here")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, few steps (CPU smoke test)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed steps first (5; quick 1)")
+    bench.add_argument("--iters", type=int, default=None, help="timed steps per contender (20; quick 3)")
+    bench.add_argument("--rounds", type=int, default=None, help="interleaving rounds (4; quick 1)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-control-plane", action="store_true")
+    bench.add_argument("--no-torchrun", action="store_true")
+    bench.add_argument("--no-exposed-comm", action="store_true",
+                       help="skip the raytp runs without collectives (no exposed-communication figures)")
+
+
+def _bench(args, argv) -> int:
+    from raytp.bench.contenders import CONTENDERS
+    from raytp.bench.runner import BenchOptions
+    from raytp.driver.bench import main as bench_main
+
+    defaults = (1, 3, 1) if args.quick else (5, 20, 4)
+    warmup, iters, rounds = (d if v is None else v for v, d in
+                             zip((args.warmup, args.iters, args.rounds), defaults, strict=True))
+    options = BenchOptions(workloads=args.workloads, sizes=args.sizes,
+                           contenders=args.contenders or CONTENDERS, quick=args.quick, warmup=warmup,
+                           iters=iters, rounds=rounds, seed=args.seed, exposed_comm=not args.no_exposed_comm)
+    command = "raytp " + " ".join(sys.argv[1:] if argv is None else argv)
+    bench_main(options, tp=args.tp, device=args.device, json_path=args.json,
+               control_plane=not args.no_control_plane, torchrun=not args.no_torchrun, command=command)
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Pure PyTorch: the rank computes these; the driver only aggregates them.
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -107,7 +108,7 @@ def throughput(items: int, seconds: float, flops_per: float, tp_size: int,
 # what RankEngine reports for every step; other keys come from the loss function
 STEP_KEYS = {"step", "loss", "step_s", "forward_s", "backward_s", "optim_s", "samples", "tokens",
              "samples_per_s", "tokens_per_s", "tflops", "mfu", "grad_norm", "peak_mem_bytes",
-             "comm_bytes", "comm_s", "collectives", "rank"}
+             "comm_bytes", "comm_s", "collectives", "rank", "stragglers"}
 
 
 def summarize_step(rows: list[dict], tp_size: int) -> dict:
@@ -130,10 +131,26 @@ def summarize_step(rows: list[dict], tp_size: int) -> dict:
     for phase in ("forward_s", "backward_s", "optim_s"):
         if phase in rows[0]:
             summary[phase] = max(r[phase] for r in rows)
+    summary["stragglers"] = stragglers(rows)
     for key in set(rows[0]) - STEP_KEYS:  # the loss function's extras, e.g. accuracy
         if isinstance(rows[0][key], (int, float)):
             summary[key] = _mean(r[key] for r in leaders)
     return summary
+
+
+def stragglers(rows: list[dict], margin: float = 0.25, min_seconds: float = 0.005) -> list[int]:
+    """Ranks whose time in some phase exceeds the median of the other ranks' by more than
+    ``margin`` (a fraction) and ``min_seconds``: the rank the others wait for."""
+    slow = set()
+    for phase in ("forward_s", "backward_s", "optim_s"):
+        times = [r.get(phase) for r in rows]
+        if len(rows) < 2 or any(t is None for t in times):
+            continue
+        for rank, t in enumerate(times):
+            median = statistics.median(times[:rank] + times[rank + 1:])
+            if t > median * (1 + margin) and t - median > min_seconds:
+                slow.add(rank)
+    return sorted(slow)
 
 
 def _mean(values) -> float | None:

@@ -31,6 +31,8 @@ class Communicator(ABC):
         self.name = name
         self.seq = 0
         self.last_entered: CollectiveRecord | None = None
+        self.entered_at = 0.0  # time.monotonic() when last_entered was issued
+        self.blocked = False  # inside a blocking call of last_entered right now
 
     def all_reduce(self, tensor: torch.Tensor, *, async_op: bool = False):
         """Sum ``tensor`` over the group, in place."""
@@ -73,11 +75,24 @@ class Communicator(ABC):
         self.seq += 1
         rec = CollectiveRecord(kind, self.name, tensor.numel() * tensor.element_size(), self.seq,
                                current_tag())
-        self.last_entered = rec
+        self.last_entered, self.entered_at, self.blocked = rec, time.monotonic(), True
         t0 = time.perf_counter()
-        work = launch()
+        try:
+            work = launch()
+        finally:
+            self.blocked = False
         record(rec, 0.0 if async_op else time.perf_counter() - t0)
         return work
+
+    def where(self) -> dict | None:
+        """The last collective this rank issued on this group, and whether it is still
+        inside it (for naming a stuck rank); read from another thread."""
+        rec = self.last_entered
+        if rec is None:
+            return None
+        return {"group": rec.group, "kind": rec.kind, "seq": rec.seq, "tag": rec.tag,
+                "nbytes": rec.nbytes, "blocked": self.blocked,
+                "seconds": time.monotonic() - self.entered_at}
 
     @abstractmethod
     def _all_reduce(self, tensor, async_op): ...

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 
@@ -81,6 +81,13 @@ def comm_tag(tag: str):
         yield
     finally:
         _local.tags.pop()
+
+
+def backward_tag(ctx):
+    """In an autograd backward: label its collectives with the tag its forward ran under
+    (saved as ``ctx.tag``), so a stuck backward collective names its layer too."""
+    tag = getattr(ctx, "tag", None)
+    return comm_tag(f"{tag} (backward)") if tag else nullcontext()
 
 
 def current_tag() -> str | None:

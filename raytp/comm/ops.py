@@ -11,17 +11,19 @@ import torch
 
 from raytp.comm import functional as F
 from raytp.comm.backend import Communicator
+from raytp.comm.counter import backward_tag, current_tag
 
 
 class _CopyTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
-        ctx.comm = comm
+        ctx.comm, ctx.tag = comm, current_tag()
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return F.all_reduce(grad, ctx.comm), None
+        with backward_tag(ctx):
+            return F.all_reduce(grad, ctx.comm), None
 
 
 class _ReduceFrom(torch.autograd.Function):
@@ -37,12 +39,13 @@ class _ReduceFrom(torch.autograd.Function):
 class _ScatterTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
+        ctx.comm, ctx.dim, ctx.tag = comm, dim, current_tag()
         return F.local_chunk(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return F.all_gather(grad, ctx.comm, ctx.dim), None, None
+        with backward_tag(ctx):
+            return F.all_gather(grad, ctx.comm, ctx.dim), None, None
 
 
 class _GatherFrom(torch.autograd.Function):
@@ -59,34 +62,37 @@ class _GatherFrom(torch.autograd.Function):
 class _AllGatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
+        ctx.comm, ctx.dim, ctx.tag = comm, dim, current_tag()
         return F.all_gather(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return F.reduce_scatter(grad, ctx.comm, ctx.dim), None, None
+        with backward_tag(ctx):
+            return F.reduce_scatter(grad, ctx.comm, ctx.dim), None, None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
+        ctx.comm, ctx.dim, ctx.tag = comm, dim, current_tag()
         return F.reduce_scatter(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return F.all_gather(grad, ctx.comm, ctx.dim), None, None
+        with backward_tag(ctx):
+            return F.all_gather(grad, ctx.comm, ctx.dim), None, None
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, split_dim, cat_dim):
-        ctx.comm, ctx.split_dim, ctx.cat_dim = comm, split_dim, cat_dim
+        ctx.comm, ctx.split_dim, ctx.cat_dim, ctx.tag = comm, split_dim, cat_dim, current_tag()
         return F.all_to_all(x, comm, split_dim, cat_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return F.all_to_all(grad, ctx.comm, ctx.cat_dim, ctx.split_dim), None, None, None
+        with backward_tag(ctx):
+            return F.all_to_all(grad, ctx.comm, ctx.cat_dim, ctx.split_dim), None, None, None
 
 
 def copy_to(x: torch.Tensor, comm: Communicator) -> torch.Tensor:

@@ -35,6 +35,22 @@ def measure(cluster, hidden: int, tokens: int, steps: int, warmup: int = 3) -> d
              "y": rng.standard_normal((tokens, hidden), dtype=np.float32)}
     cluster.build(lambda: _MLP(hidden), plan={"fc_in": "colwise", "fc_out": "rowwise"},
                   loss_fn=_mse, optimizer=raytp.SGD(lr=1e-3))
+    row = time_modes(cluster, batch, steps, warmup)
+    return {"model": f"MLP {hidden}->{4 * hidden}->{hidden}, {tokens} tokens, fp32", "hidden": hidden,
+            "tokens": tokens, **row}
+
+
+def measure_model(cluster, model, batch: dict, steps: int, warmup: int = 3, *, name: str,
+                  **build_kwargs) -> dict:
+    """:func:`time_modes` of any model ``cluster.build`` takes (a raytp config such as a
+    ``GPTConfig``, trained with its own loss and AdamW by default) on one batch."""
+    cluster.build(model, **build_kwargs)
+    return {"model": name, **time_modes(cluster, batch, steps, warmup)}
+
+
+def time_modes(cluster, batch: dict, steps: int, warmup: int = 3) -> dict:
+    """The built model's training step three ways, in ms per step: pipelined driver steps
+    (``fit``), blocking ``train_step`` calls, and ``steps`` steps looped inside the actors."""
     cluster.fit([batch] * warmup, progress=False)
 
     start = time.perf_counter()
@@ -52,8 +68,7 @@ def measure(cluster, hidden: int, tokens: int, steps: int, warmup: int = 3) -> d
     in_actor = max(launch.wait_all(refs, "loop_train_steps", None)) / steps
     wall_in_actor = (time.perf_counter() - start) / steps
     return {
-        "hidden": hidden, "tokens": tokens, "steps": steps, "tp": cluster.tp, "dp": cluster.dp,
-        "device": cluster.device,
+        "steps": steps, "tp": cluster.tp, "dp": cluster.dp, "device": cluster.device,
         "in_actor_ms": in_actor * 1e3, "in_actor_wall_ms": wall_in_actor * 1e3,
         "driver_pipelined_ms": pipelined * 1e3, "driver_blocking_ms": blocking * 1e3,
         "pipelined_ratio": pipelined / in_actor, "blocking_ratio": blocking / in_actor,

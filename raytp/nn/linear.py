@@ -48,7 +48,7 @@ class _TPLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         # overlap collectives with GEMMs (raytp.nn.overlap): on by default on GPU; see set_overlap
         self.overlap = mesh.device.type == "cuda"
-        self.overlap_chunks = 2
+        self.overlap_chunks = 1  # sequence-parallel pairs: chunked only when asked (set_overlap)
         weight_shape = torch.Size((out_features, in_features))
         name = "out_features" if self.shard_dim == 0 else "in_features"
         self.blocks = _shard_blocks(blocks, weight_shape[self.shard_dim], mesh.tp_size, name)
@@ -86,6 +86,10 @@ class _TPLinear(nn.Module):
             local_shape[spec.placement.dim] = sum(size for size, _ in spec.local_blocks())
         param = nn.Parameter(torch.empty(local_shape, **self.factory))
         self.register_parameter(name, set_spec(param, spec))
+
+    def _chunked(self) -> bool:
+        """Whether a sequence-parallel all-gather / reduce-scatter runs chunk by chunk."""
+        return self.overlap and self.overlap_chunks > 1
 
     def _finish_init(self):
         del self.factory
@@ -203,9 +207,9 @@ class ColumnParallelLinear(_TPLinear):
         tp = self.mesh.tp_comm
         weight = self._sliced(self.weight, self.weight_layout)
         bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
-        if self.overlap and self.sequence_parallel:
+        if self.sequence_parallel and self._chunked():
             y = overlap.all_gather_linear(x, weight, bias, tp, self.overlap_chunks)
-        elif self.overlap:
+        elif self.overlap and not self.sequence_parallel:
             y = overlap.linear_async_grad(x, weight, bias, tp)
         else:
             x = ops.all_gather_seq(x, tp, SEQ_DIM) if self.sequence_parallel else ops.copy_to(x, tp)
@@ -271,13 +275,13 @@ class RowParallelLinear(_TPLinear):
         weight = self._sliced(self.weight, self.weight_layout)
         if self.sequence_parallel:
             check_divisible(x.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
-        if self.sequence_parallel and self.overlap:
+        if self.sequence_parallel and self._chunked():
             y = overlap.linear_reduce_scatter(x, weight, tp, self.overlap_chunks)
         else:
             y = F.linear(x, weight)
         if not self.reduce_output:
             return y + self.bias if self.bias is not None and tp.rank == 0 else y
-        if self.sequence_parallel and not self.overlap:
+        if self.sequence_parallel and not self._chunked():
             y = ops.reduce_scatter_seq(y, tp, SEQ_DIM)
         elif not self.sequence_parallel:
             y = ops.reduce_from(y, tp)
@@ -289,8 +293,10 @@ class RowParallelLinear(_TPLinear):
 
 def set_overlap(module: nn.Module, enabled: bool, chunks: int | None = None) -> nn.Module:
     """Turn the overlap of collectives with GEMMs on or off in every TP linear layer of
-    ``module`` (on by default on GPU, off on CPU); ``chunks`` sets how many pieces a
-    sequence-parallel all-gather / reduce-scatter is cut into. The math is the same
+    ``module`` (on by default on GPU, off on CPU). ``chunks`` > 1 also cuts each
+    sequence-parallel all-gather / reduce-scatter into that many pieces overlapped with
+    the GEMM pieces; it is 1 by default, because on 2 NVLink-connected H200s the chunked
+    path measured slower than the plain one (docs/benchmarks.md). The math is the same
     either way. Returns ``module``."""
     for layer in module.modules():
         if isinstance(layer, _TPLinear):

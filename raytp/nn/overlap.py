@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.comm.backend import Communicator
+from raytp.comm.counter import backward_tag, current_tag
 
 SEQ_DIM = 1
 
@@ -100,7 +101,7 @@ class _LinearAsyncGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, comm):
         ctx.save_for_backward(x, weight)
-        ctx.comm, ctx.has_bias = comm, bias is not None
+        ctx.comm, ctx.has_bias, ctx.tag = comm, bias is not None, current_tag()
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -109,7 +110,8 @@ class _LinearAsyncGrad(torch.autograd.Function):
         grad_x = work = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_y @ weight).contiguous()
-            work = ctx.comm.all_reduce(grad_x, async_op=True)
+            with backward_tag(ctx):
+                work = ctx.comm.all_reduce(grad_x, async_op=True)
         grad_w = _weight_grad(grad_y, x) if ctx.needs_input_grad[1] else None
         grad_b = _bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if work is not None:
@@ -122,14 +124,17 @@ class _AllGatherLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, comm, chunks):
         y, x_full = gathered_matmul(x, weight.t(), comm, chunks)
         ctx.save_for_backward(x_full, weight)
-        ctx.comm, ctx.chunks, ctx.has_bias = comm, chunks, bias is not None
+        ctx.comm, ctx.chunks, ctx.has_bias, ctx.tag = comm, chunks, bias is not None, current_tag()
         return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx, grad_y):
         x_full, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_x = scattered_matmul(grad_y, weight, ctx.comm, ctx.chunks) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            with backward_tag(ctx):
+                grad_x = scattered_matmul(grad_y, weight, ctx.comm, ctx.chunks)
         grad_w = _weight_grad(grad_y, x_full) if ctx.needs_input_grad[1] else None
         grad_b = _bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
@@ -139,13 +144,14 @@ class _LinearReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, comm, chunks):
         ctx.save_for_backward(x, weight)
-        ctx.comm, ctx.chunks = comm, chunks
+        ctx.comm, ctx.chunks, ctx.tag = comm, chunks, current_tag()
         return scattered_matmul(x.contiguous(), weight.t(), comm, chunks)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad_x, grad_y_full = gathered_matmul(grad_y.contiguous(), weight, ctx.comm, ctx.chunks)
+        with backward_tag(ctx):
+            grad_x, grad_y_full = gathered_matmul(grad_y.contiguous(), weight, ctx.comm, ctx.chunks)
         grad_w = _weight_grad(grad_y_full, x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None
 

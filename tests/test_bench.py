@@ -1,0 +1,201 @@
+"""`raytp bench`: the contenders compute the same function, the no-collective baseline
+issues nothing, the targets are judged right, and the whole bench runs end to end on
+CPU ranks (through TPCluster, and under torchrun)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from raytp.bench.workloads import quick_workloads
+
+import _dist
+from helpers import mesh
+
+QUICK = {w.name: w for w in quick_workloads()}
+SAME = {"rtol": 1e-5, "atol": 1e-5}  # float32; only the order of the sums differs
+
+
+def _outputs(name, tp):
+    from raytp.bench.runner import forward_outputs
+
+    return forward_outputs(mesh(tp), QUICK[name])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", ["mlp-32", "block-16", "block-16-sp", "gpt"])
+def test_contenders_compute_the_same_function(name, tp):
+    for rank, outputs in enumerate(_dist.run(tp, _outputs, name, tp)):
+        expected = {"one-gpu", "torch-tp", "raytp", "raytp-overlap"}
+        assert expected <= outputs.keys(), f"rank {rank}: only {sorted(outputs)} ran"
+        ref_out, ref_loss = outputs["one-gpu"]
+        for contender, (out, loss) in outputs.items():
+            torch.testing.assert_close(out, ref_out, **SAME, msg=lambda m, c=contender: f"{c} output: {m}")
+            assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), contender
+
+
+def _null_mlp_on_rank0_only():
+    from raytp.bench.nullcomm import null_mesh
+    from raytp.comm import count_collectives
+    from raytp.nn import ParallelMLP
+
+    m = mesh(2)
+    if m.tp_rank != 0:  # rank 1 never joins: a real collective on rank 0 would hang
+        return None
+    mlp = ParallelMLP(16, 64, mesh=null_mesh(m), bias=False)
+    x = torch.randn(1, 8, 16, requires_grad=True)
+    with count_collectives() as counter:
+        mlp(x).sum().backward()
+    return counter.by_kind(), counter.total_bytes
+
+
+def test_null_communicator_records_but_issues_nothing():
+    kinds, nbytes = _dist.run(2, _null_mlp_on_rank0_only)[0]
+    assert kinds == {"all_reduce": 2}  # the forward's and the input gradient's
+    assert nbytes == 2 * 8 * 16 * 4
+
+
+def _row(workload, contender, ms, **kw):
+    return {"workload": workload, "label": workload, "flops": 1e12, "contender": contender, "status": "ok",
+            "ms": ms, "baseline": False,
+            "ratio_vs_torch_tp": None, "speedup_vs_one_gpu": None, **kw}
+
+
+def test_targets_are_judged_on_the_right_rows():
+    from raytp.bench.results import evaluate_targets
+
+    results = {
+        "rows": [
+            _row("mlp-8192", "raytp-overlap", 20.0, ratio_vs_torch_tp=0.9, speedup_vs_one_gpu=1.85),
+            _row("mlp-2048", "raytp", 1.0, ratio_vs_torch_tp=0.6),
+            _row("mlp-2048", "raytp-overlap", 0.9, ratio_vs_torch_tp=0.45),
+        ],
+        "control_plane": {"rows": [
+            {"model": "small", "in_actor_ms": 5.0, "blocking_ratio": 1.5, "pipelined_ratio": 1.4},
+            {"model": "big", "in_actor_ms": 80.0, "blocking_ratio": 1.01, "pipelined_ratio": 1.0},
+        ]},
+        "torchrun": {"comparison": [
+            {"workload": "gpt", "contender": "raytp", "torchrun_ms": 60.0, "ray_ms": 61.0, "ratio": 61 / 60},
+            {"workload": "gpt", "contender": "torch-tp", "torchrun_ms": 60.0, "ray_ms": 90.0, "ratio": 1.5},
+            {"workload": "mlp-32", "contender": "raytp", "torchrun_ms": 1.0, "ray_ms": 2.0, "ratio": 2.0},
+        ]},
+    }
+    met = [t["met"] for t in evaluate_targets(results)]
+    assert met == [True, False, True, True, True]
+    assert evaluate_targets({"rows": []})[0]["met"] is None
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_quick_bench_through_tpcluster(ray_local, tmp_path, capsys):
+    from raytp.bench.contenders import CONTENDERS, NO_COMM
+    from raytp.cli import main
+
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--no-torchrun", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    rows = {(r["workload"], r["contender"]): r for r in results["rows"]}
+    names = [*CONTENDERS, *NO_COMM.values()]
+    assert set(rows) == {(w, c) for w in QUICK for c in names}
+    for (workload, contender), row in rows.items():
+        if contender == "raytp-cupy":
+            assert row["status"] == "skipped" and "CUDA" in row["reason"]
+        elif contender in ("one-gpu", "torch-tp", "raytp", "raytp-no-comm"):
+            assert row["status"] == "ok" and row["ms"] > 0 and row["steps"] == 3, (workload, contender, row)
+    raytp_row = rows[("mlp-32", "raytp")]
+    assert raytp_row["collectives"] == {"all_reduce": 2}
+    assert raytp_row["exposed_comm_ms"] == pytest.approx(raytp_row["ms"] - raytp_row["compute_only_ms"])
+
+    full = rows[("gpt", "one-gpu")]["memory_per_rank"][0]["state_bytes"]
+    for contender in ("torch-tp", "raytp"):
+        for m in rows[("gpt", contender)]["memory_per_rank"]:
+            rep = m["replicated_state_bytes"]
+            assert 0 < rep < m["state_bytes"] < full
+            assert m["state_bytes"] == pytest.approx((full - rep) / 2 + rep, rel=0.02), contender
+
+    assert results["control_plane"]["status"] == "ok"
+    assert results["control_plane"]["rows"][0]["in_actor_ms"] > 0
+    assert len(results["targets"]) == 5
+    out = capsys.readouterr().out
+    assert "## Workloads x contenders" in out and "| gpt | raytp |" in out
+
+
+def test_the_same_bench_runs_under_torchrun():
+    from raytp.bench.runner import BenchOptions
+    from raytp.driver.bench import run_torchrun
+
+    options = BenchOptions(workloads=("mlp",), contenders=("one-gpu", "torch-tp", "raytp"), quick=True,
+                           warmup=1, iters=2, rounds=1, exposed_comm=False)
+    result = run_torchrun(options, tp=2, device="cpu", ray_rows=[], timeout_s=240)
+    assert result["status"] == "ok", result.get("log_tail")
+    rows = result["rows"]
+    assert {(r["workload"], r["contender"]) for r in rows} == {
+        (w, c) for w in ("mlp-32", "mlp-64") for c in options.contenders}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
+    assert result["meta"]["tp"] == 2
+
+
+def test_report_renders_the_results_json(tmp_path, capsys):
+    from raytp.bench import report
+
+    results = {"meta": {"device_name": "GPU", "tp": 2, "torch": "x", "dtype": "torch.bfloat16",
+                        "options": {"iters": 20, "warmup": 5, "rounds": 4}},
+               "rows": [_row("mlp-8192", "torch-tp", 20.0, ms_min=19.0, ms_max=21.0, tflops=100.0, mfu=0.1,
+                             exposed_comm_ms=None, compute_only_ms=None, collectives=None)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mlp-8192 | torch-tp | 20.000 |" in out and "not measured" in out
+
+
+# -- on the GPU host: every contender runs, and they agree ----------------------------------
+
+
+def _gpu_bench():
+    from raytp.bench.runner import BenchOptions, run_rank
+
+    return run_rank(mesh(2), BenchOptions(quick=True, warmup=1, iters=2, rounds=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_quick_bench_on_two_gpus():
+    pytest.importorskip("cupy")
+    from raytp.bench.results import combine
+
+    results = combine(_dist.run(2, _gpu_bench, backend="nccl"))
+    bad = [(r["workload"], r["contender"], r["reason"]) for r in results["rows"] if r["status"] != "ok"]
+    assert not bad, bad
+
+
+def _gpu_outputs(name):
+    from raytp.bench.runner import forward_outputs
+
+    return forward_outputs(mesh(2), QUICK[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("name", ["mlp-32", "block-16", "block-16-sp", "gpt"])
+def test_contenders_agree_on_two_gpus(name):
+    outputs = _dist.run(2, _gpu_outputs, name, backend="nccl")[0]
+    assert {"one-gpu", "torch-tp", "raytp", "raytp-overlap", "raytp-cupy"} <= outputs.keys()
+    ref_out, ref_loss = outputs["one-gpu"]
+    for contender, (out, loss) in outputs.items():
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4, msg=lambda m, c=contender: f"{c}: {m}")
+        assert loss == pytest.approx(ref_loss, rel=1e-4), contender
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
