@@ -13,7 +13,8 @@ from raytp.placement import Partial, Replicate, Shard
 
 __version__ = "0.1.0"
 
-_DRIVER = {"TPCluster", "RankError", "PhaseTimeout", "ClusterResourceError"}
+_DRIVER = {"TPCluster", "RankError", "RankDied", "RankHung", "PhaseTimeout", "ClusterResourceError",
+           "ClusterFailed"}
 
 
 def __getattr__(name):

@@ -8,6 +8,7 @@ metrics dict from each. It knows nothing of Ray.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -21,13 +22,18 @@ from raytp.checkpoint import load_rank, save_rank
 from raytp.comm import count_collectives
 from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
-from raytp.optim import clip_grad_norm_, grad_norm, sync_grads
+from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
 from raytp.random import rng_state, set_rng_state
 from raytp.streams import copy_to_device
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]
+ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss or gradient norm was NaN or infinite (``on_nan="raise"``)."""
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]):
@@ -76,10 +82,18 @@ class RankEngine:
     back-propagates; ``step()`` syncs gradients (TP partial sums, DP mean), clips
     them to ``max_grad_norm`` and steps the optimizer, then returns the metrics of the
     whole step. ``evaluate(batch)`` runs the forward without gradients.
+
+    A step whose loss or global gradient norm is NaN or infinite does not step the
+    optimizer: with ``on_nan="raise"`` it raises :class:`NonFiniteLoss` naming the step,
+    with ``"skip"`` it drops the gradients and reports ``"skipped": True``.
     """
 
     def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None):
+                 loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None,
+                 on_nan: str = "raise"):
+        if on_nan not in ON_NAN:
+            raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
+        self.on_nan = on_nan
         self.mesh, self.model, self.optimizer = mesh, model, optimizer
         self.loss_fn = loss_fn or default_loss
         self.max_grad_norm = max_grad_norm
@@ -89,6 +103,9 @@ class RankEngine:
         self._loss: torch.Tensor | None = None
         self._pending: dict[str, Any] = {}
         self._prefetched: tuple | None = None  # (batch id, tensors, copies in flight)
+        self._phase_starts: dict[str, float] = {}  # host time.time() at each phase's start
+        self.phase: str | None = None  # the phase running now (read by RankActor.where)
+        self._began = self._last_end = None  # host times of this step's start, the last step's end
         self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
 
     def _compute_loss(self, batch):
@@ -101,10 +118,16 @@ class RankEngine:
     @contextmanager
     def _phase(self, name: str):
         """Time the phase and count its collectives into this step's totals."""
-        with self.timer.phase(name), count_collectives() as counter:
-            yield
+        self._phase_starts[name] = time.time()
+        self.phase = name
+        try:
+            with self.timer.phase(name), count_collectives() as counter:
+                yield
+        finally:
+            self.phase = None
         self._comm["comm_bytes"] += counter.total_bytes
         self._comm["comm_s"] += counter.seconds
+        self._comm[f"{name}_comm_s"] = self._comm.get(f"{name}_comm_s", 0.0) + counter.seconds
         self._comm["collectives"] += counter.count()
 
     def prefetch(self, batch: Mapping[str, Any], batch_id: int) -> None:
@@ -131,6 +154,7 @@ class RankEngine:
         if self.optimizer is None:
             raise RuntimeError("forward() before build(): this rank holds no model")
         reset_peak_memory(self.mesh.device)
+        self._began = time.time()
         self.model.train()
         batch = self._device_batch(batch, batch_id)
         with self._phase("forward"):
@@ -151,16 +175,37 @@ class RankEngine:
         if self._loss is None:
             raise RuntimeError("step() without forward() and backward()")
         with self._phase("optim"):
+            poison_grads_if_nonfinite_(self.model.parameters(), self._loss)
             sync_grads(self.model, self.mesh)
             params = self.model.parameters()
             norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
                     else grad_norm(params, self.mesh))
-            self.optimizer.step()
+            finite = bool(torch.isfinite(norm))  # the same on every rank: the norm is global
+            if finite:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        metrics = self._step_metrics(norm)
+        if not finite and self.on_nan == "raise":
+            raise self._drop_step(norm)
+        metrics = {**self._step_metrics(norm), "skipped": not finite}
+        if not finite:
+            log.warning("step %d skipped: loss %s, gradient norm %s", self.step_count, metrics["loss"],
+                        metrics["grad_norm"])
         self._loss, self._pending = None, {}
         self.step_count += 1
         return metrics
+
+    def _drop_step(self, norm) -> NonFiniteLoss:
+        """Forget the step that is not taken; the error that names it."""
+        loss, step = self._loss.item(), self.step_count
+        self.timer.collect()
+        self._host_times()
+        self._loss, self._pending = None, {}
+        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
+        if not np.isfinite(loss):
+            return NonFiniteLoss(f"loss is {loss} at step {step}; the optimizer step was not taken "
+                                 "(build(..., on_nan='skip') skips such steps)")
+        return NonFiniteLoss(f"the gradient norm is {norm.item()} at step {step} (loss {loss:.6g}); the "
+                             "optimizer step was not taken (build(..., on_nan='skip') skips such steps)")
 
     def train_step(self, batch: Mapping[str, Any], batch_id: int | None = None,
                    next_batch: Mapping[str, Any] | None = None, next_id: int | None = None):
@@ -228,7 +273,19 @@ class RankEngine:
             "grad_norm": norm.item(),
             "peak_mem_bytes": peak_memory_bytes(self.mesh.device),
             **self._comm,
+            **self._host_times(),
             **self._pending["extras"],
         }
         self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
         return metrics
+
+    def _host_times(self) -> dict[str, Any]:
+        """Host clock of the step: its start and end (``time.time()``), the wall time in
+        between, each phase's start, and how long the rank sat idle since its last step
+        (waiting for the driver's next call)."""
+        end = time.time()
+        idle = self._began - self._last_end if self._last_end is not None else None
+        times = {"t_begin": self._began, "t_end": end, "host_s": end - self._began, "idle_s": idle,
+                 "phase_starts": dict(self._phase_starts)}
+        self._last_end, self._phase_starts = end, {}
+        return times

@@ -108,7 +108,10 @@ def throughput(items: int, seconds: float, flops_per: float, tp_size: int,
 # what RankEngine reports for every step; other keys come from the loss function
 STEP_KEYS = {"step", "loss", "step_s", "forward_s", "backward_s", "optim_s", "samples", "tokens",
              "samples_per_s", "tokens_per_s", "tflops", "mfu", "grad_norm", "peak_mem_bytes",
-             "comm_bytes", "comm_s", "collectives", "rank", "stragglers"}
+             "comm_bytes", "comm_s", "collectives", "rank", "stragglers", "t_begin", "t_end",
+             "host_s", "idle_s", "phase_starts", "forward_comm_s", "backward_comm_s", "optim_comm_s",
+             "skipped", "straggler"}
+PHASES = ("forward", "backward", "optim")
 
 
 def summarize_step(rows: list[dict], tp_size: int) -> dict:
@@ -132,25 +135,42 @@ def summarize_step(rows: list[dict], tp_size: int) -> dict:
         if phase in rows[0]:
             summary[phase] = max(r[phase] for r in rows)
     summary["stragglers"] = stragglers(rows)
+    summary["skipped"] = any(r.get("skipped") for r in rows)  # a non-finite loss: no optimizer step
+    idle = [r["idle_s"] for r in rows if r.get("idle_s") is not None]
+    summary["idle_s"] = max(idle) if idle else None  # the longest a rank waited for the driver
     for key in set(rows[0]) - STEP_KEYS:  # the loss function's extras, e.g. accuracy
         if isinstance(rows[0][key], (int, float)):
             summary[key] = _mean(r[key] for r in leaders)
     return summary
 
 
-def stragglers(rows: list[dict], margin: float = 0.25, min_seconds: float = 0.005) -> list[int]:
-    """Ranks whose time in some phase exceeds the median of the other ranks' by more than
-    ``margin`` (a fraction) and ``min_seconds``: the rank the others wait for."""
+def stragglers(rows: list[dict], margin: float = 0.25, min_seconds: float = 0.005,
+               min_share: float = 0.1) -> list[int]:
+    """Ranks whose busy time in some phase exceeds the median of the other ranks' by more
+    than ``margin`` (a fraction), ``min_seconds``, and ``min_share`` of the step (the
+    slowest rank's ``step_s``): the rank the others wait for, long enough to matter.
+
+    A phase's busy time is its time less the host time spent inside blocking collectives
+    (``{phase}_comm_s``), where a rank waits for a slower one: on CPU ranks, the rank
+    that waits for a straggler is not flagged with it. (NCCL collectives do not block
+    the host, so on GPUs the phase times count whole.)"""
     slow = set()
-    for phase in ("forward_s", "backward_s", "optim_s"):
-        times = [r.get(phase) for r in rows]
+    step_s = max((r.get("step_s") or 0.0 for r in rows), default=0.0)
+    least = max(min_seconds, min_share * step_s)
+    for phase in PHASES:
+        times = [_busy(r, phase) for r in rows]
         if len(rows) < 2 or any(t is None for t in times):
             continue
         for rank, t in enumerate(times):
             median = statistics.median(times[:rank] + times[rank + 1:])
-            if t > median * (1 + margin) and t - median > min_seconds:
+            if t > median * (1 + margin) and t - median > least:
                 slow.add(rank)
     return sorted(slow)
+
+
+def _busy(row: dict, phase: str) -> float | None:
+    seconds = row.get(f"{phase}_s")
+    return None if seconds is None else seconds - (row.get(f"{phase}_comm_s") or 0.0)
 
 
 def _mean(values) -> float | None:

@@ -109,6 +109,17 @@ def grad_norm(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> t
 
 
 @torch.no_grad()
+def poison_grads_if_nonfinite_(params: nn.Module | Iterable[torch.Tensor], loss: torch.Tensor) -> None:
+    """Make one gradient element NaN when ``loss`` is NaN or infinite (it adds ``loss * 0``:
+    no host sync). Call it before :func:`sync_grads`: the global gradient norm, reduced over
+    TP and DP, is then not finite on every rank whose group saw such a loss, or whose DP
+    peers did, so all ranks skip (or stop at) the step together."""
+    grad = next((p.grad for p in _params(params) if p.grad is not None and p.grad.numel()), None)
+    if grad is not None:
+        grad[(0,) * grad.dim()].add_(loss.detach().to(grad.device, grad.dtype) * 0)
+
+
+@torch.no_grad()
 def clip_grad_norm_(params: nn.Module | Iterable[torch.Tensor], max_norm: float,
                     mesh: DeviceMesh) -> torch.Tensor:
     """Scale the gradients so that their global norm is at most ``max_norm``; return

@@ -159,3 +159,23 @@ def test_tpcluster_backends_agree_on_gpus():
         ray.shutdown()
     assert min(accuracy.values()) > 0.95, accuracy
     np.testing.assert_allclose(losses["cupy-nccl"], losses["torch"], rtol=1e-4)
+
+
+def test_stopped_rank_on_nccl_is_named_and_recovered(tmp_path):
+    """A rank stopped (SIGSTOP) in the forward on NCCL: named at the phase deadline, the
+    communicators aborted, the actors ended, and the run recovered with the same losses."""
+    import ray
+    import test_chaos
+
+    ray.init(num_gpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.cloudpickle.register_pickle_by_value(test_chaos)
+    try:
+        plan = [{"phase": "forward", "rank": 1, "step": 3, "mode": "stop"}]
+        cluster, history, _ = test_chaos._run(tmp_path, plan, max_failures=1, device="cuda",
+                                              phase_timeout_s=15)
+    finally:
+        ray.shutdown()
+    failure = cluster.failures[0]
+    assert "rank 1 does not answer" in failure["error"] and "fc_out" in failure["error"], failure
+    assert failure["recovered"] and failure["torn_down_s"] < 60
+    np.testing.assert_allclose([h["loss"] for h in history], test_chaos.reference_losses(), rtol=1e-9)

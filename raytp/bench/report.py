@@ -83,9 +83,12 @@ def memory_table(results: dict) -> str:
 
 def control_plane_table(control: dict) -> str:
     rows = [[r["model"], _f(r["in_actor_ms"]), _f(r["driver_pipelined_ms"]), _f(r["pipelined_ratio"], ".3f"),
-             _f(r["driver_blocking_ms"]), _f(r["blocking_ratio"], ".3f")] for r in control.get("rows", [])]
-    return _table(["step", "in-actor loop ms", "driver fit() ms", "ratio", "driver train_step ms", "ratio"],
-                  rows)
+             _f(r.get("pipelined_idle_ms")), _f(r["driver_blocking_ms"]), _f(r["blocking_ratio"], ".3f"),
+             _f(r.get("blocking_idle_ms")), _f(r.get("blocking_host_ms")), _f(r.get("phases_ms"))]
+            for r in control.get("rows", [])]
+    return _table(["step", "in-actor loop ms", "driver fit() ms", "ratio", "rank idle between calls ms",
+                   "driver train_step ms", "ratio", "rank idle between calls ms", "rank host ms per step",
+                   "GPU phases ms"], rows)
 
 
 def launcher_table(torchrun: dict) -> str:

@@ -15,16 +15,35 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _CHUNK = 1 << 20
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # torch.save / pickle files: never loaded
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, corrupt, truncated or of an unknown format."""
+
+
+def refuse_pickle(paths: list[Path]) -> None:
+    """Raise :class:`CheckpointError` explaining why, when ``paths`` names pickle files."""
+    if paths:
+        names = ", ".join(str(p) for p in paths)
+        raise CheckpointError(
+            f"{names}: a pickle checkpoint; raytp does not load it, because unpickling runs whatever "
+            "code the file holds. Convert it once, where you trust it, to safetensors (e.g. "
+            "transformers' `AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)")
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """``path`` itself, or the files in the directory ``path``, that are pickles by their suffix."""
+    if path.is_file():
+        return [path] if path.suffix in PICKLE_SUFFIXES else []
+    return sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
 
 
 def sha256_file(path: Path) -> str:
@@ -51,6 +70,17 @@ def verify_file(path: Path, record: Mapping[str, Any]) -> None:
                               f"{record['bytes']} (truncated or replaced?)")
     if sha256_file(path) != record["sha256"]:
         raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 differs from the index's")
+
+
+def verify_files(directory: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """:func:`verify_file` for every ``{name: record}`` in ``directory``: sizes first (cheap,
+    so a missing or truncated file is named at once), then the hashes, in threads."""
+    paths = {Path(directory) / name: record for name, record in records.items()}
+    for path, record in paths.items():
+        if not path.is_file() or path.stat().st_size != record["bytes"]:
+            verify_file(path, record)
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+        list(pool.map(verify_file, paths, paths.values()))
 
 
 def _fsync_dir(path: Path) -> None:

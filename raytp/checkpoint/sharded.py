@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytp.checkpoint.files import CheckpointError, read_json, write_json, write_safetensors
+from raytp.checkpoint.files import (
+    CheckpointError,
+    pickle_files,
+    read_json,
+    refuse_pickle,
+    write_json,
+    write_safetensors,
+)
 from raytp.params import ParamSpec, get_spec
 from raytp.placement import Replicate, Shard
 
@@ -144,6 +151,7 @@ def read_index(path: Path) -> dict[str, Any]:
     """The index of the checkpoint at ``path``, its format checked."""
     path = Path(path)
     if not (path / INDEX_NAME).is_file():
+        refuse_pickle(pickle_files(path))
         aside = sorted(path.parent.glob(f"{path.name}.old-*"))
         hint = f"; a save was interrupted while swapping checkpoints: the previous one is {aside[-1]}" \
             if aside else ""

@@ -64,6 +64,10 @@ class Communicator(ABC):
         """Group rank ``src`` sends ``chunks[k]`` to rank k, into ``out``."""
         return self._issue("scatter", out, lambda: self._scatter(out, chunks, src), False)
 
+    def abort(self) -> None:  # noqa: B027 - optional: a backend that can abort overrides it
+        """Abort the communicator so that collectives stuck on a lost peer return
+        (best effort; the process is usually ended next)."""
+
     def barrier(self) -> None:
         self.all_reduce(torch.zeros(1, device=self.device))
 
@@ -144,6 +148,11 @@ class TorchCommunicator(Communicator):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def abort(self) -> None:
+        abort = getattr(self.group, "abort", None)  # ProcessGroup.abort, torch >= 2.6
+        if abort is not None:
+            abort()
 
     def _all_reduce(self, tensor, async_op):
         return dist.all_reduce(tensor, group=self.group, async_op=async_op)

@@ -139,6 +139,9 @@ class CupyNcclCommunicator(Communicator):
         if self.rank == src:
             out.copy_(chunks[src])
 
+    def abort(self) -> None:
+        self.comm.abort()
+
     def close(self) -> None:
         self.comm.destroy()
 

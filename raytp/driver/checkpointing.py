@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from raytp.checkpoint.files import commit_dir, staging_dir
+from raytp.checkpoint.files import commit_dir, staging_dir, verify_files
 from raytp.checkpoint.sharded import read_index, write_index
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ def load(cluster, path: str | Path) -> dict[str, Any]:
     position; returns ``{"step", "data_position", "extra"}``."""
     if not cluster._built:
         raise RuntimeError("load() before build(): build the same model first, then load its state")
-    read_index(Path(path))  # a clear error here rather than one per rank
+    index = read_index(Path(path))  # a clear error here rather than one per rank
+    # Every file whole and unchanged before any rank loads: a rank that failed half-way
+    # would leave the model part old, part loaded.
+    verify_files(Path(path), index["files"])
     cluster._drain()
     state = cluster.run("load", str(Path(path).resolve()))[0]
     cluster._data_position = state["data_position"]

@@ -6,13 +6,19 @@ import atexit
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import ray
 
-from raytp.driver import checkpointing, launch
+from actors.telemetry import record_stragglers
+from raytp import validate
+from raytp.driver import checkpointing, launch, recovery
+from raytp.driver.errors import RECOVERABLE
+from raytp.driver.pending import Pending, PutBatch
 from raytp.driver.progress import fit_loop
+from raytp.driver.recovery import RecoveryPolicy
+from raytp.engine import ON_NAN
 from raytp.metrics import summarize_step
 from raytp.optim import AdamW
 
@@ -20,41 +26,6 @@ log = logging.getLogger(__name__)
 
 _open: weakref.WeakSet = weakref.WeakSet()
 BACKENDS = ("auto", "torch", "cupy-nccl")
-
-
-class PutBatch(NamedTuple):
-    """A batch in the object store: its id and the object each rank reads, in rank order."""
-
-    id: int
-    refs: list
-
-
-class Pending:
-    """One call submitted to every rank.
-
-    ``result()`` waits for every rank and returns the phase's result: the per-rank
-    results in rank order, or what ``finish`` makes of them (a training step's
-    cluster-wide summary, an evaluation's mean over DP groups). A rank's failure is a
-    :class:`~raytp.driver.errors.RankError` naming the rank and the phase.
-    """
-
-    def __init__(self, refs: list, phase: str, timeout_s: float | None,
-                 finish: Callable[[list], Any] | None = None):
-        self.refs, self.phase, self.timeout_s = refs, phase, timeout_s
-        self._finish = finish
-        self._done = False
-        self._value: Any = None
-
-    def result(self) -> Any:
-        if not self._done:
-            results = launch.wait_all(self.refs, self.phase, self.timeout_s)
-            self._value = self._finish(results) if self._finish else results
-            self._done = True
-        return self._value
-
-    def done(self) -> bool:
-        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-        return len(ready) == len(self.refs)
 
 
 class TPCluster:
@@ -69,9 +40,12 @@ class TPCluster:
     ``cuda12``/``cuda13`` extra). Use it as a context manager, or call :meth:`close`.
     """
 
+    _batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
+
     def __init__(self, tp: int = 2, dp: int = 1, *, device: str = "auto", backend: str = "auto",
                  address: str | None = None, timeout_s: float = 120.0,
-                 phase_timeout_s: float | None = 600.0, log_level: int | str = logging.INFO):
+                 phase_timeout_s: float | None = 600.0, log_level: int | str = logging.INFO,
+                 max_failures: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 0):
         for name, value in (("tp", tp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -81,6 +55,10 @@ class TPCluster:
             raise ValueError("backend='cupy-nccl' is NCCL: it needs device='cuda' (or 'auto' on GPUs)")
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
         self.timeout_s, self.phase_timeout_s = timeout_s, phase_timeout_s
+        self.recovery = RecoveryPolicy(max_failures, checkpoint_dir, checkpoint_every)
+        self.failures: list[dict] = []  # each rank failure survived or not: rank, phase, cause, times
+        self._log_level = logging._checkLevel(log_level)
+        self._build_args: tuple | None = None
         self.actors: list = []
         self._pg = None
         self._built = False
@@ -96,21 +74,25 @@ class TPCluster:
             if backend == "cupy-nccl" and self.device != "cuda":
                 raise ValueError("backend='cupy-nccl' needs GPUs; the cluster has too few")
             self.backend = "torch" if backend == "auto" else backend
-            self._pg = launch.reserve(tp, dp, self.device, timeout_s)
-            self.actors, self.nodes = launch.start_actors(self._pg, tp, dp, self.device,
-                                                          logging._checkLevel(log_level))
-            launch.rendezvous(self.actors, tp, dp, self.device, self.nodes[0]["ip"], timeout_s,
-                              self.backend)
+            self._start()
         except BaseException:
             self.close()
             raise
         log.info("TPCluster ready: tp=%d dp=%d on %s", tp, dp, self.device)
 
+    def _start(self) -> None:
+        """Reserve the placement group, start the rank actors and join them."""
+        self._pg = launch.reserve(self.tp, self.dp, self.device, self.timeout_s)
+        self.actors, self.nodes = launch.start_actors(self._pg, self.tp, self.dp, self.device,
+                                                      self._log_level)
+        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
+                          self.timeout_s, self.backend)
+
     # -- building -------------------------------------------------------------------
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
               optimizer=None, seed: int = 0, max_grad_norm: float | None = None,
-              overlap: bool | None = None) -> dict:
+              overlap: bool | None = None, on_nan: str = "raise") -> dict:
         """Build the model shard on every rank.
 
         ``model`` is a raytp model config (with ``build(mesh, device)``) or a picklable
@@ -121,19 +103,32 @@ class TPCluster:
         ``optimizer`` is an optimizer spec (default ``raytp.AdamW()``). Every rank seeds
         torch with ``seed`` first, so tp=N holds exactly the shards of tp=1's weights.
         ``overlap`` turns the overlap of collectives with GEMMs on or off (default: on
-        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`).
+        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`). ``on_nan`` is what a
+        step with a NaN or infinite loss (or gradient norm) does: ``"raise"`` (a
+        :class:`RankError` naming the step; no optimizer step) or ``"skip"`` (no optimizer
+        step, ``"skipped": True`` in its metrics, and training goes on).
+
+        From then on, every batch is checked on the driver before it is sent (see
+        :mod:`raytp.validate`): by the model config's ``validate_batch``, or for a plain
+        module under the default loss, against its first and last linear layers.
         """
         optimizer = optimizer if optimizer is not None else AdamW()
+        if on_nan not in ON_NAN:
+            raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
+        if hasattr(model, "check_tp"):  # a raytp config: sizes tp must divide, named here
+            model.check_tp(self.tp)
         if not (hasattr(model, "build") or callable(model)):
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(model).__name__}")
         for name, value in (("model", model), ("loss_fn", loss_fn), ("plan", plan),
                             ("optimizer", optimizer)):
             _check_picklable(name, value)
-        refs = [a.build.remote(model, plan, loss_fn, optimizer, seed, max_grad_norm, overlap)
-                for a in self.actors]
-        infos = launch.wait_all(refs, "build", self.phase_timeout_s)
+        args = {"model": model, "plan": plan, "loss_fn": loss_fn, "optimizer": optimizer, "seed": seed,
+                "max_grad_norm": max_grad_norm, "overlap": overlap, "on_nan": on_nan}
+        infos = self._wait([a.build.remote(*args.values()) for a in self.actors], "build")
+        self._build_args = args  # what recover() builds again, once it built here
         self._built, self._data_position = True, 0
+        self._batch_checker = infos[0]["batch_checker"]
         return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos]}
 
     # -- phases -----------------------------------------------------------------------
@@ -195,7 +190,7 @@ class TPCluster:
                 refs.append(actor.call.remote(method, *rank_args))
             else:
                 refs.append(getattr(actor, method).remote(*rank_args))
-        return launch.wait_all(refs, getattr(method, "__name__", str(method)), self.phase_timeout_s)
+        return self._wait(refs, getattr(method, "__name__", str(method)))
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
             eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
@@ -224,21 +219,55 @@ class TPCluster:
 
     def _submit(self, phase: str, args: list[tuple] | None = None, finish=None) -> Pending:
         """One call of ``phase`` per rank, with that rank's ``args``."""
-        if not self.actors:
-            raise RuntimeError("this TPCluster is closed")
+        self._check_alive()
         if not self._built:
             raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
         args = args if args is not None else [()] * self.world_size
         refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
-        pending = Pending(refs, phase, self.phase_timeout_s, finish)
+        pending = Pending(self, refs, phase, finish)
         if finish == self._record:  # a training step: its metrics join the history when read
             self._unread.append(pending)
         return pending
 
+    def _check_alive(self) -> None:
+        if self.actors:
+            return
+        if self.failures and not self.failures[-1].get("recovered"):
+            raise RuntimeError(f"this TPCluster lost its ranks ({self.failures[-1]['error']}); "
+                               "call recover() to rebuild them from the last checkpoint, or close()")
+        raise RuntimeError("this TPCluster is closed")
+
+    def _wait(self, refs: list, phase: str) -> list:
+        """Every rank's result of one call; a rank that dies or a phase past its deadline
+        tears the group down (naming where each rank was) before the error is raised."""
+        try:
+            return launch.wait_all(refs, phase, self.phase_timeout_s)
+        except RECOVERABLE as e:
+            raise self._fail(e) from None
+
+    def _fail(self, error: Exception) -> Exception:
+        """Tear the group down after a rank failure (see :func:`recovery.tear_down`)."""
+        return recovery.tear_down(self, error)
+
+    def recover(self) -> dict:
+        """Rebuild the ranks after a failure: a new placement group, actors and
+        communicators, the model built again as before, and the last good checkpoint in
+        ``checkpoint_dir`` loaded (none yet: the model starts from its seed again).
+        Returns ``{"checkpoint", "data_position"}``."""
+        return recovery.rebuild(self)
+
+    def _teardown(self, grace_s: float = 5.0) -> None:
+        launch.teardown(self.actors, self._pg, grace_s)
+        self.actors, self._pg = [], None
+
     def _record(self, results: list[dict]) -> dict:
-        self._rows.extend({**row, "rank": rank} for rank, row in enumerate(results))
-        self._history.append(summarize_step(results, self.tp))
-        return self._history[-1]
+        summary = summarize_step(results, self.tp)
+        slow = summary["stragglers"]
+        self._rows.extend({**row, "rank": rank, "straggler": rank in slow}
+                          for rank, row in enumerate(results))
+        self._history.append(summary)
+        record_stragglers(slow, self.world_size)
+        return summary
 
     def _drain(self) -> None:
         while self._unread:
@@ -247,11 +276,10 @@ class TPCluster:
     def put_batch(self, batch: Mapping[str, Any]) -> PutBatch:
         """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
         every rank of a TP group reads the same object."""
-        arrays = _as_arrays(batch)
-        n = next(iter(arrays.values())).shape[0]
-        if n % self.dp:
-            raise ValueError(f"batch size {n} is not divisible by dp={self.dp}")
-        per_group = n // self.dp
+        arrays = validate.as_arrays(batch)  # refused here, with a clear error, when it does not fit
+        per_group = validate.check_dp(arrays, self.dp)
+        if self._batch_checker is not None:
+            self._batch_checker.validate_batch(arrays, self.tp)
         refs = [ray.put({k: v[d * per_group:(d + 1) * per_group] for k, v in arrays.items()})
                 for d in range(self.dp)]
         self._batches_put += 1
@@ -259,8 +287,7 @@ class TPCluster:
 
     def close(self) -> None:
         """Kill the rank actors and free the placement group (and Ray, if this started it)."""
-        launch.teardown(self.actors, self._pg)
-        self.actors, self._pg = [], None
+        self._teardown()
         _open.discard(self)
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -296,27 +323,16 @@ class TPCluster:
         "data_position", "extra"}``."""
         return checkpointing.load(self, path)
 
+    def plot_timeline(self, path: str, steps: int | None = None) -> str:
+        """Draw where the time went, per rank and phase, in the last ``steps`` steps (all
+        when None) into the PNG file ``path``; see :func:`raytp.timeline.plot_timeline`."""
+        from raytp.timeline import plot_timeline  # matplotlib, only when asked for
+
+        return plot_timeline(self.metrics(), path, steps=steps)
+
     def export_hf(self, path: str) -> str:
         """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
         return checkpointing.export_hf(self, path)
-
-
-def _as_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if not isinstance(batch, Mapping) or not batch:
-        raise ValueError(f"a batch is a non-empty dict of arrays, got {batch!r:.80}")
-    arrays = {}
-    for key, value in batch.items():
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
-        arrays[key] = np.asarray(value)
-        if arrays[key].ndim == 0:
-            raise ValueError(f"batch[{key!r}] is a scalar; every entry needs a batch dimension")
-    sizes = {k: a.shape[0] for k, a in arrays.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"batch entries have different batch sizes: {sizes}")
-    if 0 in sizes.values():
-        raise ValueError("the batch is empty")
-    return arrays
 
 
 def _check_picklable(name: str, value) -> None:

@@ -25,3 +25,26 @@ class PhaseTimeout(TimeoutError):
 
 class ClusterResourceError(RuntimeError):
     """The Ray cluster cannot provide the resources the ranks need."""
+
+
+class RankDied(RankError):
+    """A rank's process ended (killed, crashed, its node lost) during a phase."""
+
+
+class RankHung(PhaseTimeout):
+    """A phase passed its deadline; ``report`` says where every rank was."""
+
+    def __init__(self, phase: str, ranks: list[int], timeout_s: float, report: str):
+        super().__init__(phase, ranks, timeout_s)
+        self.report = report
+        self.args = (f"{phase}: ranks {ranks} did not finish within {timeout_s:g}s. {report}",)
+
+
+class ClusterFailed(RuntimeError):
+    """The ranks failed more often than ``max_failures`` allows; the cluster is closed."""
+
+
+# failures of the machinery (a process gone, a rank stuck), after which the group is torn
+# down and, within max_failures, rebuilt from the last checkpoint; an exception that a
+# rank raised (a bug, bad data) is not retried
+RECOVERABLE = (RankDied, PhaseTimeout)

@@ -13,21 +13,27 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import RankActor
-from raytp.driver.errors import ClusterResourceError, PhaseTimeout, RankError
+from raytp.driver.address import check_reachable
+from raytp.driver.errors import ClusterResourceError, PhaseTimeout, RankDied, RankError
 
 log = logging.getLogger(__name__)
 
 CPU_PER_CPU_RANK = 0.01  # CPU ranks share cores: a 2-core machine runs 4 of them
+CONTROL = "control"  # the rank actors' concurrency group for health checks
 
 
 def connect(address: str | None) -> bool:
     """Connect to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
     process is already in, as inside a ``ray job submit`` entrypoint), or start an
-    embedded local one. Returns True when this call started Ray."""
+    embedded local one. Returns True when this call started Ray. An address that does
+    not answer fails within seconds (see :mod:`raytp.driver.address`)."""
+    if address:
+        check_reachable(address)
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return False
@@ -72,7 +78,8 @@ def reserve(tp: int, dp: int, device: str, timeout_s: float):
 
 def start_actors(pg, tp: int, dp: int, device: str, log_level: int) -> list:
     """The rank actors, in rank order: by DP group, then by GPU id within the node."""
-    cls = ray.remote(RankActor)
+    # the "control" group answers where() / ping() from its own thread while a phase runs
+    cls = ray.remote(concurrency_groups={CONTROL: 2})(RankActor)
     handles = [
         cls.options(
             num_gpus=1 if device == "cuda" else 0,
@@ -134,21 +141,25 @@ def get_one(ref, rank: int, phase: str):
         err.cause = cause
         raise err from None
     except ray.exceptions.RayActorError as e:
-        raise RankError(rank, phase, f"the rank's actor died ({_first_line(e)})") from None
+        raise RankDied(rank, phase, f"the rank's actor died: {_first_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of Ray's message (e.g. "The actor is dead because it was killed
+    by `ray.kill`.")."""
     lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
+    line = lines[-1] if lines else type(e).__name__
+    return line.split(". ")[0].rstrip(".") + "."
 
 
 def teardown(actors: list, pg, grace_s: float = 5.0) -> None:
-    """Ask every rank to leave its group, then kill the actors and free the placement group."""
-    if actors:
+    """Ask every rank to leave its group (for up to ``grace_s``; 0 skips it), then kill the
+    actors and free the placement group."""
+    if actors and grace_s > 0:
         # a dead actor cannot shut down; it is killed next either way
         with contextlib.suppress(Exception):
             ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=grace_s)
-        for a in actors:
-            ray.kill(a, no_restart=True)
+    for a in actors:
+        ray.kill(a, no_restart=True)
     if pg is not None:
         remove_placement_group(pg)

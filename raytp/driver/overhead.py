@@ -56,11 +56,13 @@ def time_modes(cluster, batch: dict, steps: int, warmup: int = 3) -> dict:
     start = time.perf_counter()
     cluster.fit([batch] * steps, progress=False)
     pipelined = (time.perf_counter() - start) / steps
+    pipelined_rows = cluster.metrics()[-steps * cluster.world_size:]
 
     start = time.perf_counter()
     for _ in range(steps):
         cluster.train_step(batch)
     blocking = (time.perf_counter() - start) / steps
+    blocking_rows = cluster.metrics()[-steps * cluster.world_size:]
 
     ref = cluster.put_batch(batch).refs
     start = time.perf_counter()
@@ -72,7 +74,19 @@ def time_modes(cluster, batch: dict, steps: int, warmup: int = 3) -> dict:
         "in_actor_ms": in_actor * 1e3, "in_actor_wall_ms": wall_in_actor * 1e3,
         "driver_pipelined_ms": pipelined * 1e3, "driver_blocking_ms": blocking * 1e3,
         "pipelined_ratio": pipelined / in_actor, "blocking_ratio": blocking / in_actor,
+        # where the difference goes, per step (medians over ranks and steps): the time a rank
+        # sat idle between two calls, and its host time inside a call beyond the GPU phases
+        "pipelined_idle_ms": _median_ms(pipelined_rows, "idle_s"),
+        "blocking_idle_ms": _median_ms(blocking_rows, "idle_s"),
+        "pipelined_host_ms": _median_ms(pipelined_rows, "host_s"),
+        "blocking_host_ms": _median_ms(blocking_rows, "host_s"),
+        "phases_ms": _median_ms(blocking_rows, "step_s"),
     }
+
+
+def _median_ms(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.median(values)) * 1e3 if values else None
 
 
 def main(tp: int = 2, sizes: tuple[int, ...] = (256, 1024), tokens: int = 512, steps: int = 30,

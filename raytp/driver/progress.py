@@ -1,4 +1,5 @@
-"""The ``fit`` loop: pipelined steps under a progress bar."""
+"""The ``fit`` loop: pipelined steps under a progress bar, periodic checkpoints, and
+recovery from rank failures (see :mod:`raytp.driver.recovery`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from itertools import islice
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from raytp.driver.errors import RECOVERABLE, ClusterFailed
+from raytp.driver.recovery import Replay
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,9 @@ def _postfix(summary: dict) -> dict[str, str]:
 def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None,
              eval_batch: Mapping[str, Any] | None, eval_every: int, progress: bool) -> list[dict]:
     """Submit step k+1 (and the evaluation due after it), then read step k, so that the
-    ranks always have work queued.
+    ranks always have work queued. Saves a checkpoint every ``checkpoint_every`` steps;
+    after a rank failure, rebuilds the ranks from the last one and replays the batches
+    since (at most ``max_failures`` times). Returns one summary per step.
 
     On KeyboardInterrupt the work already submitted is allowed to finish, so the model
     on the ranks stays consistent and the cluster usable; the interrupt is then
@@ -36,46 +42,88 @@ def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None
     """
     total = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    summaries, in_flight = [], None
+    replay = Replay(islice(batches, steps), keep=cluster.recovery.max_failures > 0)
+    run = _Run(cluster, replay, bar, eval_batch, eval_every)
     try:
-        for i, (put, following) in enumerate(_with_next(cluster, islice(batches, steps))):
-            step = cluster.submit_train_step(put, prefetch=following)
-            due = eval_batch is not None and eval_every and (i + 1) % eval_every == 0
-            submitted = (step, cluster.submit_evaluate(eval_batch) if due else None)
-            if in_flight is not None:
-                summaries.append(_finish(in_flight, bar))
-            in_flight = submitted
-        if in_flight is not None:
-            summaries.append(_finish(in_flight, bar))
-            in_flight = None
-    except KeyboardInterrupt:
-        if in_flight is not None:
-            log.warning("interrupted: letting the submitted step finish")
-            for pending in filter(None, in_flight):
-                pending.result()
-        raise
+        while True:
+            try:
+                run.train()
+                break
+            except RECOVERABLE as error:
+                _recover(cluster, replay, bar, error, run.base)
     finally:
         bar.close()
-    return summaries
+    return [run.summaries[k] for k in sorted(run.summaries)]
 
 
-def _with_next(cluster, batches):
-    """(this batch, the next one), each put into the object store once."""
-    it = iter(batches)
-    first = next(it, None)
-    current = cluster.put_batch(first) if first is not None else None
-    while current is not None:
-        following = next(it, None)
-        following = cluster.put_batch(following) if following is not None else None
-        yield current, following
-        current = following
+class _Run:
+    def __init__(self, cluster, replay, bar, eval_batch, eval_every):
+        self.cluster, self.replay, self.bar = cluster, replay, bar
+        self.eval_batch, self.eval_every = eval_batch, eval_every
+        self.base = cluster.data_position  # the data position where this fit() started
+        self.summaries: dict[int, dict] = {}
+
+    def train(self) -> None:
+        cluster, in_flight = self.cluster, None
+        current = self._put(self.replay.next())
+        try:
+            while current is not None:
+                following = self._put(self.replay.next())
+                step = cluster.submit_train_step(current, prefetch=following)
+                done = cluster.data_position - self.base
+                due = self.eval_batch is not None and self.eval_every and done % self.eval_every == 0
+                submitted = (step, cluster.submit_evaluate(self.eval_batch) if due else None)
+                if in_flight is not None:
+                    self._finish(in_flight)
+                in_flight, current = submitted, following
+            if in_flight is not None:
+                self._finish(in_flight)
+                in_flight = None
+        except KeyboardInterrupt:
+            if in_flight is not None:
+                log.warning("interrupted: letting the submitted step finish")
+                for pending in filter(None, in_flight):
+                    pending.result()
+            raise
+
+    def _put(self, batch):
+        return self.cluster.put_batch(batch) if batch is not None else None
+
+    def _finish(self, in_flight) -> None:
+        step, evaluation = in_flight
+        summary = step.result()
+        if evaluation is not None:
+            summary["eval_loss"] = evaluation.result()["loss"]
+        self.summaries[summary["step"]] = summary
+        self.bar.set_postfix(_postfix(summary), refresh=False)
+        self.bar.update(1)
+        self._checkpoint(summary["step"] + 1)
+
+    def _checkpoint(self, steps_done: int) -> None:
+        policy = self.cluster.recovery
+        if not policy.due(steps_done):
+            return
+        path = self.cluster.save(str(policy.path(self.cluster.data_position)))
+        self.replay.covered(self.cluster.data_position - self.base)
+        policy.prune()
+        log.info("checkpoint %s", path)
 
 
-def _finish(in_flight, bar) -> dict:
-    step, evaluation = in_flight
-    summary = step.result()
-    if evaluation is not None:
-        summary["eval_loss"] = evaluation.result()["loss"]
-    bar.set_postfix(_postfix(summary), refresh=False)
-    bar.update(1)
-    return summary
+def _recover(cluster, replay: Replay, bar, error: Exception, base: int) -> None:
+    """Rebuild the ranks from the last checkpoint and rewind the batches to it; past
+    ``max_failures``, close the cluster and raise :class:`ClusterFailed`."""
+    while True:
+        allowed = cluster.recovery.max_failures
+        if len(cluster.failures) > allowed:
+            cluster.close()
+            raise ClusterFailed(f"{str(error).splitlines()[0]}: that is failure {len(cluster.failures)} "
+                                f"with max_failures={allowed}; the cluster is closed") from error
+        log.warning("recovering from: %s", str(error).splitlines()[0])
+        try:
+            cluster.recover()
+            break
+        except RECOVERABLE as again:
+            error = again
+    replay.rewind(cluster.data_position - base)
+    bar.n = replay.position
+    bar.refresh()

@@ -11,12 +11,15 @@ Parameter names: ``embed``, ``pos_embed``, ``type_embed``, ``embed_norm``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytp import validate
 from raytp.mesh import DeviceMesh
 from raytp.nn import (
     ColumnParallelLinear,
@@ -75,6 +78,20 @@ class BertConfig:
         check_heads(self.n_heads, self.n_heads, tp)
         if self.d_ff % tp:
             raise ValueError(f"d_ff={self.d_ff} is not divisible by tp={tp}")
+
+    def validate_batch(self, batch: Mapping[str, np.ndarray], tp: int) -> None:
+        """Raise a ValueError naming the entry unless ``batch`` holds ``input_ids`` (B, T),
+        integers in [0, vocab_size), T <= max_seq_len, and, if present, ``token_type_ids``
+        in [0, type_vocab_size) and ``attention_mask``, both of input_ids' shape."""
+        ids = validate.entry(batch, "input_ids", "a BERT encoder reads input_ids (batch, seq_len)")
+        validate.check_token_ids("input_ids", ids, self.vocab_size, self.max_seq_len)
+        for key in ("token_type_ids", "attention_mask"):
+            if key in batch:
+                validate.check_shape(key, batch[key], ids.shape, "input_ids")
+        if "token_type_ids" in batch:
+            validate.check_integers("token_type_ids", batch["token_type_ids"], "token type ids")
+            validate.check_range("token_type_ids", batch["token_type_ids"], self.type_vocab_size,
+                                 f"there are {self.type_vocab_size} token types")
 
     def build(self, mesh: DeviceMesh, device: torch.device | str | None = None) -> Bert:
         """This rank's shard; seed torch the same way on every rank first."""

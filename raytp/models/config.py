@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from raytp import validate
 from raytp.nn.attention import check_heads
 from raytp.nn.mlp import ACTIVATIONS
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+IGNORE_INDEX = -100  # a label that takes no part in the loss
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,25 @@ class GPTConfig:
         check_heads(self.n_heads, self.n_kv_heads, tp)
         if self.d_ff % tp:
             raise ValueError(f"d_ff={self.d_ff} is not divisible by tp={tp}")
+
+    def validate_batch(self, batch: Mapping[str, np.ndarray], tp: int) -> None:
+        """Raise a ValueError naming the entry unless ``batch`` is what :meth:`GPT.loss`
+        reads: ``input_ids`` (B, T) integers in [0, vocab_size), 1 <= T <= max_seq_len,
+        T divisible by ``tp`` under sequence parallelism; optional ``labels`` of the same
+        shape, each a token id or -100 (ignored). Other keys pass (a loss function may
+        read them)."""
+        reads = "a GPT reads input_ids (batch, seq_len) and optional labels"
+        ids = validate.entry(batch, "input_ids", reads)
+        validate.check_token_ids("input_ids", ids, self.vocab_size, self.max_seq_len)
+        if self.sequence_parallel and ids.shape[1] % tp:
+            raise ValueError(f"input_ids has sequence length {ids.shape[1]}, not divisible by tp={tp}: "
+                             "sequence_parallel=True splits the sequence over the TP ranks")
+        if "labels" in batch:
+            labels = batch["labels"]
+            validate.check_integers("labels", labels, "labels")
+            validate.check_shape("labels", labels, ids.shape, "input_ids")
+            validate.check_range("labels", labels, self.vocab_size, f"a label is a token id in "
+                                 f"[0, {self.vocab_size}) or {IGNORE_INDEX} (ignored)", IGNORE_INDEX)
 
     def build(self, mesh: DeviceMesh, device: torch.device | str | None = None) -> GPT:
         """This rank's shard of the model. Call it on every rank after seeding torch the

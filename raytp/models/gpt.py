@@ -19,7 +19,7 @@ from torch import nn
 
 from raytp.comm import functional as cf
 from raytp.mesh import DeviceMesh
-from raytp.models.config import GPTConfig
+from raytp.models.config import IGNORE_INDEX, GPTConfig
 from raytp.models.sampling import next_token
 from raytp.nn import (
     ColumnParallelLinear,
@@ -39,7 +39,6 @@ from raytp.nn.norm import _ReplicatedNorm
 from raytp.params import materialize_
 from raytp.random import RNGTracker, TPDropout
 
-IGNORE_INDEX = -100
 _RESIDUAL_PROJECTIONS = ("attn.proj", "mlp.fc_out")  # GPT-2 scales their init by 1/sqrt(2 n_layers)
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raytp.checkpoint.files import CheckpointError, SafetensorsFiles, read_json
+from raytp.checkpoint.files import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    SafetensorsFiles,
+    read_json,
+    refuse_pickle,
+)
 from raytp.checkpoint.lazy import LazyTensor, file_piece, read_local, shard_dim
 from raytp.mesh import DeviceMesh
 from raytp.models.bert import Bert
@@ -29,7 +35,6 @@ from raytp.params import get_spec
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 INDEX = "model.safetensors.index.json"
 
 
@@ -120,7 +125,7 @@ def open_hf_checkpoint(path: Path) -> SafetensorsFiles:
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsFiles.of_files([path])
-        _refuse_pickle([path] if path.suffix in PICKLE_SUFFIXES else [])
+        refuse_pickle([path] if path.suffix in PICKLE_SUFFIXES else [])
         raise CheckpointError(f"{path} is not a safetensors file")
     if (path / INDEX).is_file():
         weight_map = read_json(path / INDEX)["weight_map"]
@@ -128,17 +133,8 @@ def open_hf_checkpoint(path: Path) -> SafetensorsFiles:
     files = sorted(path.glob("*.safetensors"))
     if files:
         return SafetensorsFiles.of_files(files)
-    _refuse_pickle([p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES])
+    refuse_pickle([p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES])
     raise CheckpointError(f"{path} holds no *.safetensors weights")
-
-
-def _refuse_pickle(paths: list[Path]) -> None:
-    if paths:
-        names = ", ".join(str(p) for p in paths)
-        raise CheckpointError(
-            f"{names}: a pickle checkpoint; raytp does not load it, because unpickling runs whatever "
-            "code the file holds. Convert it once, where you trust it, to safetensors (e.g. "
-            "transformers' `AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)")
 
 
 def _prefix(files: SafetensorsFiles, family: str) -> str:
