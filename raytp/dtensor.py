@@ -36,8 +36,8 @@ class DTensor:
                  global_shape: torch.Size):
         self.local = local
         self.mesh = mesh
-        self.placement = as_placement(placement)
         self.global_shape = torch.Size(global_shape)
+        self.placement = normalize(as_placement(placement), len(self.global_shape))
         expected = local_shape(self.global_shape, self.placement, mesh.tp_size)
         if tuple(local.shape) != expected:
             raise ValueError(f"local shape {tuple(local.shape)} does not match global shape "
@@ -106,7 +106,7 @@ class DTensor:
         Shard->Replicate: all-gather. Replicate->Shard: local slice.
         Shard(i)->Shard(j): all-to-all.
         """
-        src, dst = self.placement, as_placement(placements)
+        src, dst = self.placement, normalize(as_placement(placements), len(self.global_shape))
         comm = self.mesh.tp_comm
         if src == dst:
             return self
@@ -147,12 +147,21 @@ class DTensor:
                 f"local_shape={tuple(self.local.shape)}, tp_rank={self.mesh.tp_rank})")
 
 
+def normalize(placement: Placement, ndim: int) -> Placement:
+    """``placement`` with a negative shard dim counted from the front (``Shard(-1)`` of a
+    3-d tensor is ``Shard(2)``), so that equal layouts compare equal."""
+    if not isinstance(placement, Shard):
+        return placement
+    if not -ndim <= placement.dim < ndim:
+        raise ValueError(f"{placement} is out of range for a {ndim}-d tensor")
+    return Shard(placement.dim % ndim)
+
+
 def local_shape(global_shape, placement: Placement, tp_size: int) -> tuple[int, ...]:
     shape = list(global_shape)
+    placement = normalize(placement, len(shape))
     if isinstance(placement, Shard):
-        if not -len(shape) <= placement.dim < len(shape):
-            raise ValueError(f"{placement} is out of range for a {len(shape)}-d tensor")
-        dim = placement.dim % len(shape)
+        dim = placement.dim
         shape[dim] = check_divisible(shape[dim], tp_size, f"size of dim {dim}")
     return tuple(shape)
 

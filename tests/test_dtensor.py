@@ -5,6 +5,7 @@ import torch
 
 from raytp import DTensor, Partial, Replicate, Shard
 from raytp.comm import count_collectives
+from raytp.dtensor import normalize
 
 import _dist
 from helpers import F64, mesh, world
@@ -40,6 +41,24 @@ def test_from_full_then_full(n, placement):
     _dist.run(n, _check_from_full, placement)
 
 
+def _check_from_full_other_source(placement):
+    """The full tensor on TP rank 1 of each of two DP groups (global ranks 1 and 3):
+    each TP group distributes its own, and only its own, tensor."""
+    rank, _ = world()
+    m = mesh(2, 2)
+    full = _full(2, seed=10 + m.dp_rank)
+    dt = DTensor.from_full(full if m.tp_rank == 1 else None, m, placement, src=1)
+    expected = {Shard: lambda: full.chunk(2, placement.dim)[m.tp_rank], Replicate: lambda: full,
+                Partial: lambda: full if m.tp_rank == 1 else torch.zeros_like(full)}
+    torch.testing.assert_close(dt.local, expected[type(placement)](), **F64)
+    torch.testing.assert_close(dt.full(), full, **F64)
+
+
+@pytest.mark.parametrize("placement", [Shard(0), Shard(-1), Replicate(), Partial()])
+def test_from_full_from_another_rank_under_dp(placement):
+    _dist.run(4, _check_from_full_other_source, placement)
+
+
 def _make(placement, full, m, rank, n):
     if isinstance(placement, Shard):
         return DTensor.from_local(full.chunk(n, placement.dim)[rank].clone(), m, placement)
@@ -58,6 +77,9 @@ TRANSITIONS = [
     (Replicate(), Shard(1), None),
     (Shard(0), Shard(1), "all_to_all"),
     (Shard(1), Shard(0), "all_to_all"),
+    (Shard(-1), Shard(0), "all_to_all"),  # a negative dim is counted from the end
+    (Shard(0), Shard(-1), "all_to_all"),
+    (Shard(-1), Shard(2), None),  # the same layout: nothing to do
 ]
 
 
@@ -69,16 +91,17 @@ def _check_transition(src, dst, collective):
     dt.local.requires_grad_()
     with count_collectives() as c:
         out = dt.redistribute(dst)
-    assert out.placement == dst and out.global_shape == full.shape
+    assert out.placement == normalize(dst, full.dim()) and out.global_shape == full.shape
     torch.testing.assert_close(out.full(), full, **F64)
     if n > 1:
         assert c.by_kind() == ({collective: 1} if collective else {}), c.by_kind()
     # round trip back (Partial cannot be reached again; Replicate stands in for it)
     back = out.redistribute(src if not isinstance(src, Partial) else Replicate())
     torch.testing.assert_close(back.full(), full, **F64)
-    # differentiable: d(sum of full)/d(local) is 1 where the local values count once
+    # differentiable: the loss is the sum of the whole tensor (each rank backpropagates its
+    # own part; a replicated output counts once), so every local value's gradient is 1
     out.local.sum().backward()
-    assert dt.local.grad is not None and dt.local.grad.shape == dt.local.shape
+    torch.testing.assert_close(dt.local.grad, torch.ones_like(dt.local), **F64)
 
 
 @pytest.mark.parametrize("n", WORLDS)
@@ -98,18 +121,20 @@ def _check_to_torch(placement):
     assert theirs.shape == full.shape
     torch.testing.assert_close(theirs.full_tensor(), full, **F64)
     torch.testing.assert_close(theirs.to_local(), ours.local, **F64)
-    # torch's own distribution gives the same local shard, and converts back
+    # torch's own distribution gives the same local shard, and converts back (torch does
+    # not distribute a tensor as Partial: ours, converted, stands in for it)
     from raytp.placement import to_torch_placement
 
-    reference = distribute_tensor(full, m.torch_mesh(), [to_torch_placement(placement)])
+    reference = theirs if isinstance(placement, Partial) else \
+        distribute_tensor(full, m.torch_mesh(), [to_torch_placement(placement)])
     torch.testing.assert_close(reference.to_local(), ours.local, **F64)
     back = DTensor.from_torch(reference, m)
-    assert back.placement == placement and back.global_shape == full.shape
+    assert back.placement == normalize(placement, full.dim()) and back.global_shape == full.shape
     torch.testing.assert_close(back.full(), full, **F64)
 
 
 @pytest.mark.parametrize("n", WORLDS)
-@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()])
+@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Shard(-1), Replicate(), Partial()])
 def test_to_torch_agrees_with_torch_dtensor(n, placement):
     _dist.run(n, _check_to_torch, placement)
 
