@@ -101,6 +101,58 @@ def test_reduce_scatter_fallback(n):
     _dist.run(n, _check_reduce_scatter_fallback)
 
 
+def _check_reduce_scatter_falls_back_when_refused():
+    from raytp.comm import backend
+
+    rank, n = world()
+    tp = mesh(n).tp_comm
+    native = backend._reduce_scatter_single
+    calls = []
+
+    def refuse(*args, **kwargs):  # what an old gloo build answers
+        calls.append(1)
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+    backend._reduce_scatter_single = refuse
+    try:
+        auto = TorchCommunicator(tp.group, "tp-auto", tp.device)
+        xs = _inputs(n, (4 * n, 3))
+        for _ in range(2):  # refused once, then the fallback for good
+            out = cf.reduce_scatter(xs[rank], auto, dim=0)
+            torch.testing.assert_close(out, sum(xs).chunk(n, 0)[rank], **F64)
+        assert auto.native_reduce_scatter is False and len(calls) == 1
+        strict = TorchCommunicator(tp.group, "tp-native", tp.device, native_reduce_scatter=True)
+        with pytest.raises(RuntimeError, match="does not support reduce_scatter"):
+            cf.reduce_scatter(xs[rank], strict, dim=0)
+    finally:
+        backend._reduce_scatter_single = native
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_reduce_scatter_falls_back_when_the_backend_refuses(n):
+    _dist.run(n, _check_reduce_scatter_falls_back_when_refused)
+
+
+def _check_counter_sees_other_threads():
+    import threading
+
+    rank, n = world()
+    tp = mesh(n).tp_comm
+    x = torch.ones(4 * n, dtype=torch.float64)
+    # on GPUs autograd runs a CUDA backward on a thread of its own: its collectives must
+    # still count in the step that the main thread counts
+    with comm.count_collectives() as c:
+        thread = threading.Thread(target=lambda: comm.reduce_from(x, tp))
+        thread.start()
+        thread.join()
+    assert c.by_kind() == ({"all_reduce": 1} if n > 1 else {}), c.by_kind()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_counter_counts_collectives_of_other_threads(n):
+    _dist.run(n, _check_counter_sees_other_threads)
+
+
 def _check_counter():
     rank, n = world()
     tp = mesh(n).tp_comm

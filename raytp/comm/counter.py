@@ -25,7 +25,7 @@ class CollectiveRecord:
 
 @dataclass
 class CollectiveCounter:
-    """Collectives seen while the counter was active on this thread."""
+    """Collectives this process issued while the counter was active."""
 
     counts: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
@@ -45,19 +45,24 @@ class CollectiveCounter:
         return sum(self.bytes.values())
 
 
+# The active counters are the process's, not a thread's: on GPUs autograd runs the
+# backward of CUDA tensors on a thread of its own, and its collectives belong to the
+# step the main thread counts. Tags are per thread (a backward names its layer itself,
+# see backward_tag).
+_counters: list[CollectiveCounter] = []
+_counters_lock = threading.Lock()
 _local = threading.local()
 
 
-def _active() -> list[CollectiveCounter]:
-    if not hasattr(_local, "counters"):
-        _local.counters = []
+def _tags() -> list[str]:
+    if not hasattr(_local, "tags"):
         _local.tags = []
-    return _local.counters
+    return _local.tags
 
 
 @contextmanager
 def count_collectives():
-    """Count the collectives issued on this thread inside the block.
+    """Count the collectives this process issues (on any thread) inside the block.
 
     >>> with count_collectives() as c:
     ...     mlp(x).sum().backward()
@@ -65,22 +70,24 @@ def count_collectives():
     {'all_reduce': 2}
     """
     counter = CollectiveCounter()
-    _active().append(counter)
+    with _counters_lock:
+        _counters.append(counter)
     try:
         yield counter
     finally:
-        _active().remove(counter)
+        with _counters_lock:
+            _counters.remove(counter)
 
 
 @contextmanager
 def comm_tag(tag: str):
     """Label the collectives issued inside the block (e.g. ``"block 3 MLP"``)."""
-    _active()
-    _local.tags.append(tag)
+    tags = _tags()
+    tags.append(tag)
     try:
         yield
     finally:
-        _local.tags.pop()
+        tags.pop()
 
 
 def backward_tag(ctx):
@@ -91,12 +98,14 @@ def backward_tag(ctx):
 
 
 def current_tag() -> str | None:
-    _active()
-    return _local.tags[-1] if _local.tags else None
+    tags = _tags()
+    return tags[-1] if tags else None
 
 
 def record(rec: CollectiveRecord, seconds: float = 0.0) -> None:
-    for counter in _active():
+    with _counters_lock:
+        active = list(_counters)
+    for counter in active:
         counter.counts[rec.kind] += 1
         counter.bytes[rec.kind] += rec.nbytes
         counter.seconds += seconds
