@@ -75,7 +75,7 @@ def assert_state_matches(module, ref_state: dict[str, torch.Tensor], tp_rank: in
 def check_parity(module, ref, x, *, local_in, local_out, optimizer=None, grad_seed=2):
     """``module`` (this rank's part) against ``ref`` (the whole, on one process) on the full
     input ``x``: forward, input gradient, every weight gradient after ``sync_grads``, the
-    global gradient norm, and the parameters after one optimizer step (float64).
+    global gradient norm, and the parameters after one SGD and one AdamW step (float64).
     ``local_in`` / ``local_out`` map a full input / output to this rank's part. Returns
     the collective counts of the forward and the backward."""
     from raytp.comm import count_collectives
@@ -98,8 +98,11 @@ def check_parity(module, ref, x, *, local_in, local_out, optimizer=None, grad_se
     assert_params_match(module, ref, m.tp_rank, grads=True)
     ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
     torch.testing.assert_close(raytp.grad_norm(module, m).double(), ref_norm, rtol=1e-6, atol=0)
-    optimizer = optimizer or raytp.AdamW(lr=0.01, weight_decay=0.1)
-    optimizer.build(module.parameters()).step()
-    optimizer.build(ref.parameters()).step()
-    assert_params_match(module, ref, m.tp_rank)
+    # one SGD step, then one AdamW step on the same gradients, unless one is given
+    optimizers = [optimizer] if optimizer else [raytp.SGD(lr=0.1, momentum=0.9),
+                                                 raytp.AdamW(lr=0.01, weight_decay=0.1)]
+    for spec in optimizers:
+        spec.build(module.parameters()).step()
+        spec.build(ref.parameters()).step()
+        assert_params_match(module, ref, m.tp_rank)
     return fwd.by_kind(), bwd.by_kind()

@@ -173,9 +173,21 @@ def _export(config, directory, ids):
     engine.export_hf(directory)
     with torch.no_grad():
         local = engine.model.eval()(ids)
+    return _gathered_logits(local, n, config.vocab_size)
+
+
+def _gathered_logits(local, n, vocab_size):
     parts = [torch.empty_like(local) for _ in range(n)]
     dist.all_gather(parts, local)
-    return torch.cat(parts, -1)[..., :config.vocab_size]
+    return torch.cat(parts, -1)[..., :vocab_size]
+
+
+def _reload(directory, ids, vocab_size):
+    """raytp's own from_pretrained reads the export back, at this world's tp."""
+    rank, n = world()
+    model = raytp.models.from_pretrained(directory, mesh(n)).eval()
+    with torch.no_grad():
+        return _gathered_logits(model(ids), n, vocab_size)
 
 
 @pytest.mark.parametrize(("name", "n", "cls"), [("gpt2", 2, "GPT2LMHeadModel"),
@@ -190,6 +202,9 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, name, n,
         expected = model(ids).logits
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [cls]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # and raytp reads its own export back, at another tp
+    reloaded = _dist.run(2 if n == 4 else 1, _reload, str(tmp_path / "hf"), ids, config.vocab_size)[0]
+    torch.testing.assert_close(reloaded, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_export_needs_a_config_that_gpt2_or_llama_computes():

@@ -119,7 +119,7 @@ SP_BLOCK = {"all_gather": 2, "reduce_scatter": 2}  # each all-reduce split in tw
 L = SMALL["n_layers"]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-sp", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-sp", "llama-gqa", "llama-gqa-sp"])
 def test_collective_counts(name):
     counts = _dist.run(4, _counts, CONFIGS[name])[0]
     assert counts["block forward"] == counts["block backward"] == (SP_BLOCK if "sp" in name else TP_BLOCK)

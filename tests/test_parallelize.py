@@ -9,7 +9,7 @@ import raytp
 from raytp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 import _dist
-from helpers import F64, assert_params_match, mesh, world
+from helpers import F64, assert_params_match, check_parity, mesh, world
 
 WORLDS = [1, 2, 4]
 
@@ -63,9 +63,10 @@ def _check_net(ids_shape):
         F.cross_entropy(net(ids).reshape(-1, 12), ids.reshape(-1)).backward()
     raytp.sync_grads(model, m)
     assert_params_match(model, ref, m.tp_rank, grads=True)
-    for net in (model, ref):
-        raytp.AdamW(lr=0.05).build(net.parameters()).step()
-    assert_params_match(model, ref, m.tp_rank)
+    for spec in (raytp.SGD(lr=0.1, momentum=0.9), raytp.AdamW(lr=0.05)):  # on the same gradients
+        for net in (model, ref):
+            spec.build(net.parameters()).step()
+        assert_params_match(model, ref, m.tp_rank)
     torch.testing.assert_close(model(ids), ref(ids), **F64)
 
 
@@ -73,6 +74,24 @@ def _check_net(ids_shape):
 @pytest.mark.parametrize("ids_shape", [(6,), (2, 5)], ids=["(B,H)", "(B,T,H)"])
 def test_parallelized_net_computes_the_same(n, ids_shape):
     _dist.run(n, _check_net, ids_shape)
+
+
+def _check_block_input_gradient(x_shape):
+    """A float input through a parallelized block: forward, the input's gradient, the
+    weights' gradients and one SGD and one AdamW step (check_parity)."""
+    rank, n = world()
+    torch.manual_seed(0)
+    ref = Block(8, 16)
+    torch.manual_seed(0)
+    model = raytp.parallelize(Block(8, 16), mesh(n), {"up": "colwise", "down": "rowwise"})
+    x = torch.randn(*x_shape, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    check_parity(model, ref, x, local_in=lambda t: t, local_out=lambda t: t)
+
+
+@pytest.mark.parametrize("n", WORLDS)
+@pytest.mark.parametrize("x_shape", [(6,), (2, 5)], ids=["(B,H)", "(B,T,H)"])
+def test_parallelized_block_input_gradient(n, x_shape):
+    _dist.run(n, _check_block_input_gradient, x_shape)
 
 
 def _check_plan_errors():
