@@ -37,6 +37,36 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _rank_log_handler(rank_filter: logging.Filter, log_level: int) -> logging.Handler:
+    """Every log line of this process, raytp's, Ray's or the user's model code's, goes to
+    stderr as ``[rank N] LEVEL logger: message``. raytp's and actors' loggers log at
+    ``log_level``; the rest at WARNING, as Python's default."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(rank_filter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("raytp", "actors"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.setLevel(log_level)
+        logger.propagate = True
+    return handler
+
+
+def _rename_in_ray_logs(name: str) -> None:
+    """Have Ray prefix this actor's printed lines with ``name`` from now on: its log
+    monitor takes a line that starts with the actor-name marker as the new name (the
+    same line Ray writes itself after ``__init__``)."""
+    try:
+        from ray._private.ray_constants import LOG_PREFIX_ACTOR_NAME
+    except ImportError:  # another Ray: the prefix keeps the name of __init__
+        return
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{LOG_PREFIX_ACTOR_NAME}{name}", file=stream, flush=True)
+
+
 def _tracked(method):
     """Record which method the rank is running, for :meth:`RankActor.where`."""
 
@@ -63,16 +93,16 @@ class RankActor:
         self.engine: RankEngine | None = None
         self._telemetry: RankTelemetry | None = None
         self._filter = _RankFilter(f"? (group {dp_index}, slot {slot})")
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
-        handler.addFilter(self._filter)
-        logger = logging.getLogger("raytp")
-        logger.handlers[:] = [handler]
-        logger.setLevel(log_level)
-        logger.propagate = False
+        self.log_handler = _rank_log_handler(self._filter, log_level)
 
-    def __repr__(self):  # Ray prefixes this actor's log lines with it
-        return f"RankActor(dp group {self.dp_index}, slot {self.slot})"
+    def __repr__(self):  # Ray prefixes this actor's printed lines with it
+        if self.rank is None:
+            return f"RankActor(dp group {self.dp_index}, slot {self.slot})"
+        return f"RankActor(rank {self.rank})"
+
+    def _set_rank(self, rank: int) -> None:
+        self.rank = self._filter.rank = rank
+        _rename_in_ray_logs(repr(self))
 
     def node_info(self) -> dict[str, Any]:
         import ray
@@ -93,7 +123,7 @@ class RankActor:
     def join(self, rank: int, world_size: int, tp: int, dp: int, master: tuple[str, int],
              device: str, timeout_s: float) -> str:
         """Join the world as ``rank`` and build the mesh; returns this rank's device."""
-        self.rank = self._filter.rank = rank
+        self._set_rank(rank)
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES shows this actor its GPU only
         backend = "nccl" if device == "cuda" else "gloo"
@@ -115,7 +145,7 @@ class RankActor:
         handed out; no torch.distributed world and no TCP rendezvous."""
         from raytp.comm.cupy_backend import cupy_mesh
 
-        self.rank = self._filter.rank = rank
+        self._set_rank(rank)
         torch.cuda.set_device(0)
         self.mesh = cupy_mesh(tp, dp, rank, tp_id, dp_id, torch.device("cuda", 0))
         log.info("joined over CuPy NCCL: %s", self.mesh)

@@ -128,6 +128,54 @@ def test_phases_pipeline(cluster2):
     assert [s["step"] for s in summaries] == list(range(summaries[0]["step"], summaries[0]["step"] + 20))
 
 
+def test_separate_phases_equal_one_process(cluster2):
+    """forward(), backward(), step() called one by one train as train_step does."""
+    batches = make_batches(5)
+    optimizer = raytp.AdamW(lr=0.01)
+    cluster2.build(Net, plan=PLAN, optimizer=optimizer, seed=0)
+    losses = []
+    for b in batches:
+        cluster2.forward(b)
+        cluster2.backward()
+        losses.append(cluster2.step().result()["loss"])
+    np.testing.assert_allclose(losses, reference_losses(batches, optimizer), rtol=1e-10)
+
+
+def test_one_object_per_dp_group_shared_by_its_tp_ranks(ray_local):
+    with raytp.TPCluster(tp=2, dp=2, device="cpu") as cluster:
+        cluster.build(Net, plan=PLAN, seed=0)
+        batch = make_batches(1)[0]
+        put = cluster.put_batch(batch)
+        assert len(put.refs) == 4 and put.refs[0] == put.refs[1] and put.refs[2] == put.refs[3]
+        assert put.refs[0] != put.refs[2]
+        slices = ray.get([put.refs[0], put.refs[2]])
+        np.testing.assert_array_equal(np.concatenate([s["x"] for s in slices]), batch["x"])
+
+
+def _log_lines(actor):
+    """What this rank's log handler writes for a user's logger and raytp's."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    previous = actor.log_handler.setStream(stream)
+    try:
+        logging.getLogger("user.model").warning("from the model")
+        logging.getLogger("raytp.engine").info("from raytp")
+        logging.getLogger("actors.telemetry").warning("from the actor")
+    finally:
+        actor.log_handler.setStream(previous)
+    return stream.getvalue().splitlines(), repr(actor)
+
+
+def test_every_log_line_names_its_rank(cluster2):
+    for rank, (lines, name) in enumerate(cluster2.run(_log_lines)):
+        assert lines == [f"[rank {rank}] WARNING user.model: from the model",
+                         f"[rank {rank}] INFO raytp.engine: from raytp",
+                         f"[rank {rank}] WARNING actors.telemetry: from the actor"]
+        assert name == f"RankActor(rank {rank})"  # what Ray prefixes printed lines with
+
+
 def test_evaluate_and_run(cluster2):
     cluster2.build(Net, plan=PLAN, seed=0)
     result = cluster2.evaluate(make_batches(1)[0])
@@ -159,6 +207,14 @@ def test_rank_raising_in_forward_is_named(ray_local):
         with pytest.raises(RankError, match=r"rank 1 failed in train_step: ValueError: bad batch") as e:
             cluster.train_step(make_batches(1)[0])
         assert e.value.rank == 1 and "failing_loss" in e.value.remote_traceback
+    # the same through the separate phases: the step's result is the forward's error
+    with raytp.TPCluster(tp=2, device="cpu", phase_timeout_s=30) as cluster:
+        cluster.build(Net, plan=PLAN, loss_fn=failing_loss)
+        cluster.forward(make_batches(1)[0])
+        cluster.backward()
+        with pytest.raises(RankError, match=r"rank 1 failed in forward: ValueError: bad batch") as e:
+            cluster.step().result()
+        assert "failing_loss" in e.value.remote_traceback
 
 
 def test_too_many_ranks_fails_within_the_timeout(ray_local):
@@ -193,3 +249,30 @@ def test_interrupt_keeps_the_cluster_usable_and_closing_leaves_nothing(ray_local
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(handle.node_info.remote(), timeout=30)
     assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+
+
+def test_ranks_are_ordered_by_node_then_gpu_and_tp_groups_stay_whole():
+    from raytp.driver.launch import rank_order
+
+    # bundle 0 (actors 0, 1) landed on node b, bundle 1 (actors 2, 3) on node a
+    b, a = {"ip": "10.0.0.2", "node_id": "b"}, {"ip": "10.0.0.1", "node_id": "a"}
+    infos = [{**b, "gpu_ids": [3]}, {**b, "gpu_ids": [2]}, {**a, "gpu_ids": [1]}, {**a, "gpu_ids": [0]}]
+    assert rank_order(infos, tp=2) == [3, 2, 1, 0]
+    # two TP groups on one node: by their first GPU
+    infos = [{"ip": "10.0.0.1", "node_id": "a", "gpu_ids": [g]} for g in (6, 7, 0, 1)]
+    assert rank_order(infos, tp=2) == [2, 3, 0, 1]
+    cpu = [{"ip": "10.0.0.1", "node_id": "a", "gpu_ids": []} for _ in range(4)]
+    assert rank_order(cpu, tp=4) == [0, 1, 2, 3]
+
+
+def test_auto_device_picks_cuda_only_with_a_gpu_per_rank(monkeypatch, caplog):
+    from raytp.driver import launch
+
+    for gpus, world, expected in [(2, 2, "cuda"), (1, 2, "cpu"), (0, 1, "cpu"), (8, 4, "cuda")]:
+        monkeypatch.setattr(launch.ray, "cluster_resources", lambda g=gpus: {"CPU": 8.0, "GPU": float(g)})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="raytp.driver.launch"):
+            assert launch.resolve_device("auto", world) == expected
+        assert f"device='auto': {expected} ({gpus} GPUs in the cluster for {world} ranks)" in caplog.text
+    with pytest.raises(ValueError, match="device='tpu' must be 'auto', 'cuda' or 'cpu'"):
+        launch.resolve_device("tpu", 2)

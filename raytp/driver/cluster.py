@@ -42,8 +42,8 @@ class TPCluster:
 
     _batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
 
-    def __init__(self, tp: int = 2, dp: int = 1, *, device: str = "auto", backend: str = "auto",
-                 address: str | None = None, timeout_s: float = 120.0,
+    def __init__(self, tp: int = 2, dp: int = 1, device: str = "auto", backend: str = "auto",
+                 address: str | None = None, timeout_s: float = 120.0, *,
                  phase_timeout_s: float | None = 600.0, log_level: int | str = logging.INFO,
                  max_failures: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 0):
         for name, value in (("tp", tp), ("dp", dp)):
@@ -66,6 +66,7 @@ class TPCluster:
         self._rows: list[dict] = []
         self._history: list[dict] = []
         self._unread: list[Pending] = []
+        self._phases: list[Pending] = []  # this step's forward and backward, until its step()
         self._batches_put = 0
         self._owns_ray = launch.connect(address)
         _open.add(self)
@@ -84,7 +85,7 @@ class TPCluster:
         """Reserve the placement group, start the rank actors and join them."""
         self._pg = launch.reserve(self.tp, self.dp, self.device, self.timeout_s)
         self.actors, self.nodes = launch.start_actors(self._pg, self.tp, self.dp, self.device,
-                                                      self._log_level)
+                                                      self._log_level, self.timeout_s)
         launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
                           self.timeout_s, self.backend)
 
@@ -137,14 +138,22 @@ class TPCluster:
         """Submit the forward pass (loss) on every rank; returns at once."""
         put = self.put_batch(batch)
         self._data_position += 1
-        return self._submit("forward", [(ref, put.id) for ref in put.refs])
+        pending = self._submit("forward", [(ref, put.id) for ref in put.refs])
+        self._phases = [pending]
+        return pending
 
     def backward(self) -> Pending:
-        return self._submit("backward")
+        """Submit the backward pass on every rank; returns at once."""
+        pending = self._submit("backward")
+        self._phases.append(pending)
+        return pending
 
     def step(self) -> Pending:
-        """Submit gradient sync and the optimizer step; its result is the step's metrics."""
-        return self._submit("step", finish=self._record)
+        """Submit gradient sync and the optimizer step; its result is the step's metrics
+        (or the error of this step's forward or backward on any rank)."""
+        pending = self._submit("step", finish=self._record, after=self._phases)
+        self._phases = []
+        return pending
 
     def train_step(self, batch: Mapping[str, Any]) -> dict:
         """Forward, backward and step on every rank (one call per rank); the step's summary."""
@@ -217,14 +226,16 @@ class TPCluster:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _submit(self, phase: str, args: list[tuple] | None = None, finish=None) -> Pending:
-        """One call of ``phase`` per rank, with that rank's ``args``."""
+    def _submit(self, phase: str, args: list[tuple] | None = None, finish=None,
+                after: list[Pending] | None = None) -> Pending:
+        """One call of ``phase`` per rank, with that rank's ``args``; ``after``, the calls
+        whose errors its result raises first."""
         self._check_alive()
         if not self._built:
             raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
         args = args if args is not None else [()] * self.world_size
         refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
-        pending = Pending(self, refs, phase, finish)
+        pending = Pending(self, refs, phase, finish, after)
         if finish == self._record:  # a training step: its metrics join the history when read
             self._unread.append(pending)
         return pending

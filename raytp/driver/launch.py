@@ -76,8 +76,8 @@ def reserve(tp: int, dp: int, device: str, timeout_s: float):
     return pg
 
 
-def start_actors(pg, tp: int, dp: int, device: str, log_level: int) -> list:
-    """The rank actors, in rank order: by DP group, then by GPU id within the node."""
+def start_actors(pg, tp: int, dp: int, device: str, log_level: int, timeout_s: float) -> list:
+    """The rank actors and their node infos, in rank order (see :func:`rank_order`)."""
     # the "control" group answers where() / ping() from its own thread while a phase runs
     cls = ray.remote(concurrency_groups={CONTROL: 2})(RankActor)
     handles = [
@@ -88,9 +88,19 @@ def start_actors(pg, tp: int, dp: int, device: str, log_level: int) -> list:
         ).remote(d, slot, log_level)
         for d in range(dp) for slot in range(tp)
     ]
-    infos = wait_all([h.node_info.remote() for h in handles], "start", timeout_s=300)
-    order = sorted(range(len(handles)), key=lambda i: (i // tp, infos[i]["gpu_ids"], i))
+    infos = wait_all([h.node_info.remote() for h in handles], "start", timeout_s)
+    order = rank_order(infos, tp)
     return [handles[i] for i in order], [infos[i] for i in order]
+
+
+def rank_order(infos: list[dict], tp: int) -> list[int]:
+    """The actors (``infos[i]`` of the actor in bundle ``i // tp``) in rank order. A
+    bundle is a TP group on one node: its ranks stay consecutive, ordered by GPU id; the
+    groups are ordered by node, then by their first GPU."""
+    groups = [sorted(range(d, d + tp), key=lambda i: (infos[i]["gpu_ids"], i))
+              for d in range(0, len(infos), tp)]
+    groups.sort(key=lambda g: (infos[g[0]]["ip"], infos[g[0]]["node_id"], infos[g[0]]["gpu_ids"], g[0]))
+    return [i for group in groups for i in group]
 
 
 def rendezvous(actors: list, tp: int, dp: int, device: str, master_ip: str,

@@ -25,14 +25,19 @@ class Pending:
     """
 
     def __init__(self, cluster, refs: list, phase: str,
-                 finish: Callable[[list], Any] | None = None):
+                 finish: Callable[[list], Any] | None = None, after: list[Pending] | None = None):
         self.cluster, self.refs, self.phase = cluster, refs, phase
         self._finish = finish
+        self._after = after or []  # the phases this one continues (a step's forward, backward)
         self._done = False
         self._value: Any = None
 
     def result(self) -> Any:
         if not self._done:
+            # A forward that failed on a rank is that rank's error, named "forward", rather
+            # than the "step() without forward()" that its step then raises.
+            for earlier in self._after:
+                earlier.result()
             try:
                 results = self.cluster._wait(self.refs, self.phase)
             except Exception:  # raised once, here: history and metrics() do not raise it again
