@@ -7,11 +7,14 @@ starting one. Exits non-zero if the held-out accuracy is under 95%.
 """
 
 import argparse
+import logging
 import sys
 
 from raytp.driver.demo import main
 
 if __name__ == "__main__":
+    # INFO shows which Ray cluster TPCluster joins ("connecting to the Ray cluster at ...")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)

@@ -125,6 +125,11 @@ class Ranks:
         return self.cluster
 
 
+def _more_dp_groups_than_fit() -> int:
+    """More DP groups of two CPU ranks (0.01 CPU each) than this Ray cluster holds."""
+    return int(ray.cluster_resources()["CPU"] / 0.02) + 10
+
+
 @pytest.fixture(scope="module")
 def ranks():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ranks cannot import this module
@@ -302,8 +307,9 @@ CASES = [
     Case("unused port", None, lambda cluster, ctx: unreachable(f"127.0.0.1:{free_port()}"),
          ConnectionError, r"^cannot reach the Ray cluster at '127\.0\.0\.1:\d+': Connection refused"),
     Case("more ranks than the cluster places", None,
-         lambda cluster, ctx: raytp.TPCluster(tp=2, dp=500, device="cpu", timeout_s=1), ClusterResourceError,
-         r"^could not place tp=2 x dp=500 ranks \(500 bundles of \{'CPU': 0\.02\}\) within 1s"),
+         lambda cluster, ctx: raytp.TPCluster(tp=2, dp=_more_dp_groups_than_fit(), device="cpu", timeout_s=1),
+         ClusterResourceError,
+         r"^could not place tp=2 x dp=\d+ ranks \(\d+ bundles of \{'CPU': 0\.02\}\) within 1s"),
     Case("device tpu", None, lambda cluster, ctx: raytp.TPCluster(tp=2, device="tpu"), ValueError,
          r"^device='tpu' must be 'auto', 'cuda' or 'cpu'$"),
     Case("backend mpi", None, lambda cluster, ctx: raytp.TPCluster(tp=2, backend="mpi"), ValueError,
@@ -424,12 +430,22 @@ def test_cluster_configs_keep_token_auth_and_the_dashboard_on_loopback():
               if "ray start" in c]
     assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
     assert "--dashboard-host=127.0.0.1" in starts[0]
-    job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
-    assert job["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    groups = [job["headGroupSpec"], *job["workerGroupSpecs"]]
-    envs = [c["env"] for g in groups for c in g["template"]["spec"]["containers"]]
-    assert len(envs) == 2 and all({"name": "RAY_AUTH_MODE", "value": "token"} in env for env in envs)
-    assert "export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}" in (ROOT / "cluster" / "submit.sh").read_text()
+    # every node gets the token the client has (a `ray start` in token mode needs one)
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    # KubeRay: the dashboard is behind the token (its submitter reaches it over the pod
+    # network); the head, the workers and the submitter all read the token from a Secret
+    spec = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())["spec"]
+    job = spec["rayClusterSpec"]
+    assert job["headGroupSpec"]["rayStartParams"].get("dashboard-host") in (None, "127.0.0.1")
+    pods = [job["headGroupSpec"]["template"], *(g["template"] for g in job["workerGroupSpecs"]),
+            spec["submitterPodTemplate"]]
+    envs = [{e["name"]: e for e in c["env"]} for pod in pods for c in pod["spec"]["containers"]]
+    assert len(envs) == 3
+    for env in envs:
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
+    submit = (ROOT / "cluster" / "submit.sh").read_text()
+    assert "export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}" in submit and "no Ray token" in submit
 
 
 # -- telemetry ----------------------------------------------------------------------------

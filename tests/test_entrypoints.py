@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def test_ray_job_submit_runs_a_tpcluster():
     """A real head (`ray start --head`, loopback) and its job server run examples/ray_job.py."""
     gcs_port, dash_port = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rtp", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # token auth stays on
+    # token auth stays on, with this test's own token (a fresh machine has none in ~/.ray)
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
@@ -55,6 +57,9 @@ def test_ray_job_submit_runs_a_tpcluster():
             capture_output=True, text=True, timeout=600, env=env)
         log = out.stdout + out.stderr
         assert "succeeded" in log.lower(), log[-4000:]
+        # the job's TPCluster joined this head's cluster rather than starting one of its own
+        assert re.search(rf"connecting to the Ray cluster at [\w.:\[\]-]+:{gcs_port}\b", log), log[-4000:]
+        assert "starting an embedded local one" not in log
         assert re.search(r"held-out accuracy: 0\.9[5-9]|held-out accuracy: 1\.0", log), log[-4000:]
     finally:
         _stop(head)
