@@ -3,6 +3,7 @@ issues nothing, the targets are judged right, and the whole bench runs end to en
 CPU ranks (through TPCluster, and under torchrun)."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -95,6 +96,23 @@ def ray_local():
     yield
     if started:
         ray.shutdown()
+
+
+def test_control_plane_command_prints_driver_against_in_actor_steps(ray_local, tmp_path, capsys):
+    from raytp.cli import main
+
+    path = tmp_path / "control.json"
+    assert main(["bench", "control-plane", "--device", "cpu", "--sizes", "32", "64", "--tokens", "16",
+                 "--steps", "4", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert [r["hidden"] for r in rows] == [32, 64]
+    for r in rows:
+        assert min(r["in_actor_ms"], r["driver_pipelined_ms"], r["driver_blocking_ms"]) > 0
+        assert r["pipelined_ratio"] == pytest.approx(r["driver_pipelined_ms"] / r["in_actor_ms"])
+        assert r["blocking_ratio"] == pytest.approx(r["driver_blocking_ms"] / r["in_actor_ms"])
+    table = capsys.readouterr().out
+    assert "control plane: tp=2" in table and "in-actor ms" in table
+    assert re.search(r"^\s+32\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", table, re.M), table
 
 
 def test_quick_bench_through_tpcluster(ray_local, tmp_path, capsys):
