@@ -228,6 +228,10 @@ class RankActor:
 
     # -- the "control" concurrency group: answered from its own thread during a phase --
 
+    def ping(self) -> bool:
+        """The health monitor's probe: an answer means the actor is alive."""
+        return True
+
     def where(self) -> dict[str, Any]:
         """The method this rank is running and the last collective it issued on each group."""
         engine = self.engine

@@ -14,7 +14,8 @@ import ray
 from actors.telemetry import record_stragglers
 from raytp import validate
 from raytp.driver import checkpointing, launch, recovery
-from raytp.driver.errors import RECOVERABLE
+from raytp.driver.errors import RECOVERABLE, RankDied
+from raytp.driver.health import HealthMonitor
 from raytp.driver.pending import Pending, PutBatch
 from raytp.driver.progress import fit_loop
 from raytp.driver.recovery import RecoveryPolicy
@@ -67,6 +68,8 @@ class TPCluster:
         self._history: list[dict] = []
         self._unread: list[Pending] = []
         self._phases: list[Pending] = []  # this step's forward and backward, until its step()
+        self._health: HealthMonitor | None = None  # pings the ranks while they run
+        self._last_phase = "start"  # the last call given to the ranks (what a dead rank was doing)
         self._batches_put = 0
         self._owns_ray = launch.connect(address)
         _open.add(self)
@@ -88,6 +91,7 @@ class TPCluster:
                                                       self._log_level, self.timeout_s)
         launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
                           self.timeout_s, self.backend)
+        self._health = HealthMonitor(self.actors, lambda: self._last_phase)
 
     # -- building -------------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class TPCluster:
             _check_picklable(name, value)
         args = {"model": model, "plan": plan, "loss_fn": loss_fn, "optimizer": optimizer, "seed": seed,
                 "max_grad_norm": max_grad_norm, "overlap": overlap, "on_nan": on_nan}
+        self._check_alive()
+        self._last_phase = "build"
         infos = self._wait([a.build.remote(*args.values()) for a in self.actors], "build")
         self._build_args = args  # what recover() builds again, once it built here
         self._built, self._data_position = True, 0
@@ -192,6 +198,8 @@ class TPCluster:
         if per_rank_args is not None and len(per_rank_args) != self.world_size:
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for "
                              f"{self.world_size} ranks")
+        self._check_alive()
+        self._last_phase = name = getattr(method, "__name__", str(method))
         refs = []
         for rank, actor in enumerate(self.actors):
             rank_args = tuple(per_rank_args[rank]) if per_rank_args is not None else args
@@ -199,7 +207,7 @@ class TPCluster:
                 refs.append(actor.call.remote(method, *rank_args))
             else:
                 refs.append(getattr(actor, method).remote(*rank_args))
-        return self._wait(refs, getattr(method, "__name__", str(method)))
+        return self._wait(refs, name)
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
             eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
@@ -235,6 +243,7 @@ class TPCluster:
             raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
         args = args if args is not None else [()] * self.world_size
         refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
+        self._last_phase = phase
         pending = Pending(self, refs, phase, finish, after)
         if finish == self._record:  # a training step: its metrics join the history when read
             self._unread.append(pending)
@@ -242,6 +251,10 @@ class TPCluster:
 
     def _check_alive(self) -> None:
         if self.actors:
+            try:  # a rank the health monitor saw die since the last call
+                launch.raise_if_dead(self._health, self._last_phase)
+            except RankDied as e:
+                raise self._fail(e) from None
             return
         if self.failures and not self.failures[-1].get("recovered"):
             raise RuntimeError(f"this TPCluster lost its ranks ({self.failures[-1]['error']}); "
@@ -252,7 +265,7 @@ class TPCluster:
         """Every rank's result of one call; a rank that dies or a phase past its deadline
         tears the group down (naming where each rank was) before the error is raised."""
         try:
-            return launch.wait_all(refs, phase, self.phase_timeout_s)
+            return launch.wait_all(refs, phase, self.phase_timeout_s, self._health)
         except RECOVERABLE as e:
             raise self._fail(e) from None
 
@@ -268,6 +281,9 @@ class TPCluster:
         return recovery.rebuild(self)
 
     def _teardown(self, grace_s: float = 5.0) -> None:
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
         launch.teardown(self.actors, self._pg, grace_s)
         self.actors, self._pg = [], None
 

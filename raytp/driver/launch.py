@@ -78,7 +78,8 @@ def reserve(tp: int, dp: int, device: str, timeout_s: float):
 
 def start_actors(pg, tp: int, dp: int, device: str, log_level: int, timeout_s: float) -> list:
     """The rank actors and their node infos, in rank order (see :func:`rank_order`)."""
-    # the "control" group answers where() / ping() from its own thread while a phase runs
+    # the "control" group answers ping(), where() and abort() from its own thread while a
+    # phase runs
     cls = ray.remote(concurrency_groups={CONTROL: 2})(RankActor)
     handles = [
         cls.options(
@@ -124,22 +125,63 @@ def _rendezvous_cupy(actors: list, tp: int, dp: int, timeout_s: float) -> list[s
     return wait_all(refs, "rendezvous", timeout_s)
 
 
-def wait_all(refs: list, phase: str, timeout_s: float | None) -> list:
+POLL_S = 1.0  # how often a wait looks at the health monitor
+
+
+def wait_all(refs: list, phase: str, timeout_s: float | None, health=None) -> list:
     """Results of one call per rank, in rank order. The first failure raises a
-    :class:`RankError` naming its rank; ranks missing at the deadline, a
-    :class:`PhaseTimeout` naming them."""
+    :class:`RankError` naming its rank (a :class:`RankDied` when a rank's actor died, also
+    when ``health``, a :class:`~raytp.driver.health.HealthMonitor`, saw it die first);
+    ranks missing at the deadline, a :class:`PhaseTimeout` naming them."""
     rank_of = {ref: rank for rank, ref in enumerate(refs)}
     results: list = [None] * len(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left if health is None else
+                                  min(POLL_S, left) if left is not None else POLL_S)
         if not ready:
-            raise PhaseTimeout(phase, sorted(rank_of[r] for r in pending), timeout_s)
+            raise_if_dead(health, phase)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PhaseTimeout(phase, sorted(rank_of[r] for r in pending), timeout_s)
+            continue
         ref = ready[0]
-        results[rank_of[ref]] = get_one(ref, rank_of[ref], phase)
+        try:
+            results[rank_of[ref]] = get_one(ref, rank_of[ref], phase)
+        except RankDied:
+            raise
+        except RankError:
+            # A rank whose peer died may fail first, inside the collective it shared with
+            # it ("connection closed by peer"): the death is the failure to report.
+            _raise_dead_peer(pending, rank_of, phase, health)
+            raise
     return results
+
+
+def raise_if_dead(health, phase: str) -> None:
+    """Raise :class:`RankDied` for the lowest rank ``health`` has seen die, if any."""
+    seen = health.first_dead() if health is not None else None
+    if seen is not None:
+        rank, what = seen
+        raise RankDied(rank, phase, f"the rank's actor died: {what['reason']} (seen by the health "
+                                    f"monitor during {what['phase']})")
+
+
+def _raise_dead_peer(pending: list, rank_of: dict, phase: str, health, grace_s: float = 2.0) -> None:
+    """Raise :class:`RankDied` for a rank of ``pending`` whose actor is dead, if one turns
+    out to be within ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise RankDied(rank_of[ref], phase, f"the rank's actor died: {first_line(e)}") from None
+            except ray.exceptions.RayError:
+                pass
+    raise_if_dead(health, phase)
 
 
 def get_one(ref, rank: int, phase: str):
@@ -151,10 +193,10 @@ def get_one(ref, rank: int, phase: str):
         err.cause = cause
         raise err from None
     except ray.exceptions.RayActorError as e:
-        raise RankDied(rank, phase, f"the rank's actor died: {_first_line(e)}") from None
+        raise RankDied(rank, phase, f"the rank's actor died: {first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first sentence of Ray's message (e.g. "The actor is dead because it was killed
     by `ray.kill`.")."""
     lines = [line for line in str(e).splitlines() if line.strip()]

@@ -124,6 +124,10 @@ def _recover(cluster, replay: Replay, bar, error: Exception, base: int) -> None:
             break
         except RECOVERABLE as again:
             error = again
+        except Exception as cause:  # e.g. no room for the new group, an unreadable checkpoint
+            cluster.close()
+            raise ClusterFailed(f"{str(error).splitlines()[0]}: recovering from it failed "
+                                f"({type(cause).__name__}: {cause}); the cluster is closed") from cause
     replay.rewind(cluster.data_position - base)
     bar.n = replay.position
     bar.refresh()
