@@ -123,14 +123,38 @@ def test_minilm_sentence_embeddings_equal_transformers(minilm, n):
 def test_loading_peak_memory_is_near_the_shard(minilm):
     """Rank 3 of tp=4, in a fresh process: the anonymous memory it grows by while loading
     is its shard plus a little, far below the model (a full embedding table alone is 47 MB)."""
-    path = minilm[0]
-    script = Path(__file__).with_name("_load_memory.py")
-    out = subprocess.run([sys.executable, str(script), path, "4", "3"], capture_output=True, text=True,
-                         timeout=120, check=True)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = _peak_while_loading(minilm[0], 4, 3)
     full_model = 90_261_504  # bytes of all-MiniLM-L6-v2's parameters (tp=1 shard)
     assert measured["shard_bytes"] < full_model / 3
     assert measured["peak_anon_delta_bytes"] < 1.3 * measured["shard_bytes"], measured
+
+
+def _peak_while_loading(path, tp, rank) -> dict:
+    script = Path(__file__).with_name("_load_memory.py")
+    out = subprocess.run([sys.executable, str(script), str(path), str(tp), str(rank)], capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loading_gpt2_and_llama_peak_memory_is_near_the_shard(tmp_path, family):
+    """GPT-2's transposed Conv1D and fused c_attn, Llama's q/k/v and gate/up fused on load:
+    each read a slice at a time, so the last rank of tp=4 grows by about its shard (the
+    checkpoint is 4 times that)."""
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=16384, n_positions=64, n_embd=512, n_layer=4, n_head=8)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        config = transformers.LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1536,
+                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                          max_position_embeddings=64, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path)
+    full = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    measured = _peak_while_loading(tmp_path, 4, 3)
+    assert measured["shard_bytes"] < full / 3, (measured, full)
+    assert measured["peak_anon_delta_bytes"] < 1.3 * measured["shard_bytes"], (measured, full)
 
 
 def _refusals(root):
