@@ -86,11 +86,12 @@ def main(tp: int = 2, steps: int = 300, d_model: int = 128, n_layers: int = 4, s
     split = int(0.9 * len(data))
     train, held_out = data[:split], data[split:]
     entropy = unigram_entropy(train)
-    config = GPTConfig(vocab_size=256, n_layers=n_layers, n_heads=4, d_model=d_model, max_seq_len=seq,
-                       norm="rmsnorm", activation="swiglu", positions="rope", bias=False,
-                       tie_embeddings=True, dtype="bfloat16" if device == "cuda" else "float32")
     eval_batch = next(windows(held_out, 64, seq, np.random.default_rng(1)))
     with raytp.TPCluster(tp=tp, device=device) as cluster:
+        # bf16 on GPUs (device="auto" included), fp32 on CPU ranks
+        config = GPTConfig(vocab_size=256, n_layers=n_layers, n_heads=4, d_model=d_model, max_seq_len=seq,
+                           norm="rmsnorm", activation="swiglu", positions="rope", bias=False,
+                           tie_embeddings=True, dtype="bfloat16" if cluster.device == "cuda" else "float32")
         info = cluster.build(config, optimizer=raytp.AdamW(lr=3e-3, weight_decay=0.1), max_grad_norm=1.0)
         print(f"{cluster}: GPT with {info['params']:,} parameters on {len(data):,} bytes of stdlib source")
         history = cluster.fit(windows(train, batch, seq, np.random.default_rng(0)), steps=steps,

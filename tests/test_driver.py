@@ -276,3 +276,26 @@ def test_auto_device_picks_cuda_only_with_a_gpu_per_rank(monkeypatch, caplog):
         assert f"device='auto': {expected} ({gpus} GPUs in the cluster for {world} ranks)" in caplog.text
     with pytest.raises(ValueError, match="device='tpu' must be 'auto', 'cuda' or 'cpu'"):
         launch.resolve_device("tpu", 2)
+
+
+def test_interrupt_while_starting_leaves_nothing(ray_local, monkeypatch):
+    """Ctrl-C while the ranks join (a notebook cell interrupted in TPCluster(...)): the
+    actors already started and the placement group go, before the interrupt goes on."""
+    from raytp.driver import launch
+
+    started = {}
+    real_rendezvous = launch.rendezvous
+
+    def interrupted(actors, *args, **kwargs):
+        started["actors"] = list(actors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "rendezvous", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        raytp.TPCluster(tp=2, device="cpu")
+    monkeypatch.setattr(launch, "rendezvous", real_rendezvous)
+    assert len(started["actors"]) == 2
+    for handle in started["actors"]:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.node_info.remote(), timeout=30)
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
