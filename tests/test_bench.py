@@ -87,17 +87,6 @@ def test_targets_are_judged_on_the_right_rows():
     assert evaluate_targets({"rows": []})[0]["met"] is None
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_control_plane_command_prints_driver_against_in_actor_steps(ray_local, tmp_path, capsys):
     from raytp.cli import main
 

@@ -13,7 +13,6 @@ mode "kill" the rank waits there and a watcher thread on the driver ray.kill()s 
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -200,17 +199,6 @@ def reference_losses(n=STEPS):
         opt.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _run(tmp_path, plan, max_failures, device="cpu", **cluster_kw):

@@ -1,7 +1,7 @@
 """TPCluster end to end on CPU ranks in a local Ray: parity with one process, pipelined
 phases, metrics, and the errors a user meets first."""
 
-import sys
+import re
 import time
 
 import numpy as np
@@ -46,18 +46,6 @@ def reference_losses(batches, optimizer, seed=0):
         opt.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    # The rank actors cannot import this test module: send its classes by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +192,22 @@ def test_rank_raising_in_forward_is_named(ray_local):
 
     with raytp.TPCluster(tp=2, device="cpu", phase_timeout_s=30) as cluster:
         cluster.build(Net, plan=PLAN, loss_fn=failing_loss)
+        t0 = time.perf_counter()
         with pytest.raises(RankError, match=r"rank 1 failed in train_step: ValueError: bad batch") as e:
             cluster.train_step(make_batches(1)[0])
         assert e.value.rank == 1 and "failing_loss" in e.value.remote_traceback
+        # rank 0 waits in the forward's all-reduce for rank 1, which will never come: named,
+        # and the group torn down within seconds instead of hanging until the deadline
+        assert time.perf_counter() - t0 < 20
+        assert re.search(r"ranks \[0\] were still in train_step 5s later \(rank 0 waits in tp all_reduce "
+                         r"#\d+ \(fc_out, \d+ B\) during train_step.*\), so the group was torn down: call "
+                         r"recover\(\)", str(e.value)), str(e.value)
+        assert cluster.actors == [] and not cluster.failures[-1]["recovered"]
+        with pytest.raises(RuntimeError, match=r"lost its ranks .* call recover\(\)"):
+            cluster.train_step(make_batches(1)[0])
+        cluster.recover()  # no checkpoint: the model starts from its seed again
+        cluster.build(Net, plan=PLAN, seed=0)
+        assert np.isfinite(cluster.train_step(make_batches(1)[0])["loss"])
     # the same through the separate phases: the step's result is the forward's error
     with raytp.TPCluster(tp=2, device="cpu", phase_timeout_s=30) as cluster:
         cluster.build(Net, plan=PLAN, loss_fn=failing_loss)
@@ -290,6 +291,7 @@ def test_interrupt_while_starting_leaves_nothing(ray_local, monkeypatch):
         started["actors"] = list(actors)
         raise KeyboardInterrupt
 
+    before = set(ray.util.placement_group_table())  # another test's cluster may be open
     monkeypatch.setattr(launch, "rendezvous", interrupted)
     with pytest.raises(KeyboardInterrupt):
         raytp.TPCluster(tp=2, device="cpu")
@@ -298,4 +300,5 @@ def test_interrupt_while_starting_leaves_nothing(ray_local, monkeypatch):
     for handle in started["actors"]:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(handle.node_info.remote(), timeout=30)
-    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+    made = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
+    assert made and all(pg["state"] == "REMOVED" for pg in made.values()), made

@@ -30,16 +30,7 @@ def _batches(n):
     return [{"input_ids": rng.integers(0, 37, (4, 8))} for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    for module in (sys.modules[__name__], bert_embeddings, llama_generate):
-        ray.cloudpickle.register_pickle_by_value(module)  # the ranks cannot import these modules
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
+RAY_BY_VALUE = (bert_embeddings, llama_generate)  # the ranks cannot import these (conftest.ray_local)
 
 
 def _logits(actor, ids):

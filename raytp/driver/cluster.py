@@ -14,7 +14,7 @@ import ray
 from actors.telemetry import record_stragglers
 from raytp import validate
 from raytp.driver import checkpointing, launch, recovery
-from raytp.driver.errors import RECOVERABLE, RankDied
+from raytp.driver.errors import RECOVERABLE, RankDied, RankError
 from raytp.driver.health import HealthMonitor
 from raytp.driver.pending import Pending, PutBatch
 from raytp.driver.progress import fit_loop
@@ -268,6 +268,8 @@ class TPCluster:
             return launch.wait_all(refs, phase, self.phase_timeout_s, self._health)
         except RECOVERABLE as e:
             raise self._fail(e) from None
+        except RankError as e:  # the rank's own exception: the others may be stuck waiting for it
+            raise recovery.settle(self, e, refs) from None
 
     def _fail(self, error: Exception) -> Exception:
         """Tear the group down after a rank failure (see :func:`recovery.tear_down`)."""

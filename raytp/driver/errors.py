@@ -8,6 +8,7 @@ class RankError(RuntimeError):
 
     def __init__(self, rank: int, phase: str, message: str, remote_traceback: str = ""):
         self.rank, self.phase, self.remote_traceback = rank, phase, remote_traceback
+        self.message = message
         self.cause: BaseException | None = None  # the rank's exception, when it came back
         text = f"rank {rank} failed in {phase}: {message}"
         if remote_traceback:
