@@ -153,7 +153,7 @@ class RankActor:
 
     @_tracked
     def build(self, model, plan, loss_fn, optimizer, seed: int, max_grad_norm,
-              overlap: bool | None = None, on_nan: str = "raise") -> dict[str, Any]:
+              overlap: bool | str | None = None, on_nan: str = "raise") -> dict[str, Any]:
         """Build the model shard from a raytp model config or a zero-argument factory.
         Returns its sizes and what checks its batches on the driver
         (:func:`raytp.validate.batch_checker`)."""
@@ -170,7 +170,9 @@ class RankActor:
             if plan is not None:
                 module = raytp.parallelize(module, self.mesh, plan)
         if overlap is not None:
-            raytp.nn.set_overlap(module, overlap)
+            raytp.nn.set_overlap(module, bool(overlap))
+        if overlap == "symm_mem":
+            raytp.nn.use_symm_mem(module)
         tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
         self.built_at = time.time()
         self.engine = RankEngine(self.mesh, module, optimizer.build(module.parameters()), loss_fn,

@@ -173,6 +173,30 @@ def test_evaluate_and_run(cluster2):
     assert cluster2.run(lambda actor, k: k, per_rank_args=[(5,), (7,)]) == [5, 7]
 
 
+def _sp_layer_settings(actor):
+    return sorted({(layer.overlap, layer.symm_mem, layer.overlap_chunks)
+                   for layer in actor.engine.model.modules() if getattr(layer, "sequence_parallel", False)
+                   and hasattr(layer, "symm_mem")})
+
+
+def test_overlap_settings_train_the_same(cluster2):
+    """build(overlap=False | True | "symm_mem") on a sequence-parallel GPT gives the same
+    losses; on CPU ranks "symm_mem" falls back to the chunked path (two chunks)."""
+    config = raytp.models.GPTConfig(vocab_size=37, n_layers=2, d_model=32, d_ff=48, max_seq_len=16,
+                                    n_heads=4, n_kv_heads=2, dtype="float64", sequence_parallel=True)
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 37, (4, 8))} for _ in range(3)]
+    losses, settings = {}, {}
+    for overlap in (False, True, "symm_mem"):
+        cluster2.build(config, overlap=overlap, seed=0)
+        losses[overlap] = [cluster2.train_step(b)["loss"] for b in batches]
+        settings[overlap] = cluster2.run(_sp_layer_settings)
+    assert settings["symm_mem"] == [[(True, False, 2)]] * 2
+    assert settings[False] == [[(False, False, 1)]] * 2
+    for overlap in (True, "symm_mem"):
+        np.testing.assert_allclose(losses[overlap], losses[False], rtol=1e-12)
+
+
 def test_step_before_build_and_unpicklable_factory(ray_local):
     with raytp.TPCluster(tp=1, device="cpu") as cluster:
         with pytest.raises(RuntimeError, match=r"step\(\) before build\(\)"):

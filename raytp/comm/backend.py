@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.distributed as dist
 
+from raytp.comm import symm_mem
 from raytp.comm.counter import CollectiveRecord, current_tag, record
 
 
@@ -64,6 +65,26 @@ class Communicator(ABC):
         """Group rank ``src`` sends ``chunks[k]`` to rank k, into ``out``."""
         return self._issue("scatter", out, lambda: self._scatter(out, chunks, src), False)
 
+    def all_gather_matmul(self, a: torch.Tensor, b: torch.Tensor, dim: int):
+        """``(a_full, a_full @ b)`` with ``a_full`` every rank's ``a`` joined along ``dim``,
+        the gather pipelined with the GEMM in one fused op (``b`` is (K, N)). Counted as
+        one all_gather of ``a``. Only where :meth:`enable_symm_mem` returned None."""
+        return self._issue("all_gather", a, lambda: self._all_gather_matmul(a, b, dim), False)
+
+    def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's chunk along ``dim`` of the sum over the group of ``a @ b``, the
+        GEMM pipelined with the reduce-scatter in one fused op. Counted as one
+        reduce_scatter of ``a @ b``. Only where :meth:`enable_symm_mem` returned None."""
+        nbytes = a[..., :1].numel() * b.shape[-1] * a.element_size()
+        return self._issue("reduce_scatter", a, lambda: self._matmul_reduce_scatter(a, b, dim), False,
+                           nbytes=nbytes)
+
+    def enable_symm_mem(self) -> str | None:
+        """Turn on the fused symmetric-memory ops above if every rank of the group can
+        run them (:mod:`raytp.comm.symm_mem`): returns None when they are on, else why
+        not. Collective over the group."""
+        return f"{type(self).__name__} has no symmetric-memory ops"
+
     def abort(self) -> None:  # noqa: B027 - optional: a backend that can abort overrides it
         """Abort the communicator so that collectives stuck on a lost peer return
         (best effort; the process is usually ended next)."""
@@ -75,10 +96,10 @@ class Communicator(ABC):
     @abstractmethod
     def device(self) -> torch.device: ...
 
-    def _issue(self, kind, tensor, launch, async_op):
+    def _issue(self, kind, tensor, launch, async_op, nbytes=None):
         self.seq += 1
-        rec = CollectiveRecord(kind, self.name, tensor.numel() * tensor.element_size(), self.seq,
-                               current_tag())
+        nbytes = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+        rec = CollectiveRecord(kind, self.name, nbytes, self.seq, current_tag())
         self.last_entered, self.entered_at, self.blocked = rec, time.monotonic(), True
         t0 = time.perf_counter()
         try:
@@ -106,6 +127,12 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_gather(self, out, tensor, async_op): ...
+
+    def _all_gather_matmul(self, a, b, dim):
+        raise NotImplementedError(f"{self!r}: fused all-gather GEMM without enable_symm_mem()")
+
+    def _matmul_reduce_scatter(self, a, b, dim):
+        raise NotImplementedError(f"{self!r}: fused GEMM reduce-scatter without enable_symm_mem()")
 
     @abstractmethod
     def _reduce_scatter(self, out, tensor, async_op): ...
@@ -144,10 +171,29 @@ class TorchCommunicator(Communicator):
         self.global_ranks = dist.get_process_group_ranks(group)
         self.native_reduce_scatter = native_reduce_scatter
         self._device = torch.device(device)
+        self.symm_mem = False  # the fused symmetric-memory ops are on (enable_symm_mem)
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def enable_symm_mem(self) -> str | None:
+        if not self.symm_mem:
+            reason = symm_mem.probe(self)
+            self.symm_mem = reason is None
+            return reason
+        return None
+
+    def _all_gather_matmul(self, a, b, dim):
+        if not self.symm_mem:
+            return super()._all_gather_matmul(a, b, dim)
+        a_full, (out,) = symm_mem.ops().all_gather_matmul(a, [b], dim, self.group.group_name)
+        return a_full, out
+
+    def _matmul_reduce_scatter(self, a, b, dim):
+        if not self.symm_mem:
+            return super()._matmul_reduce_scatter(a, b, dim)
+        return symm_mem.ops().matmul_reduce_scatter(a, b, "sum", dim, self.group.group_name)
 
     def abort(self) -> None:
         abort = getattr(self.group, "abort", None)  # ProcessGroup.abort, torch >= 2.6

@@ -21,6 +21,7 @@ from raytp.driver.progress import fit_loop
 from raytp.driver.recovery import RecoveryPolicy
 from raytp.engine import ON_NAN
 from raytp.metrics import summarize_step
+from raytp.nn.tuning import OVERLAP
 from raytp.optim import AdamW
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class TPCluster:
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
               optimizer=None, seed: int = 0, max_grad_norm: float | None = None,
-              overlap: bool | None = None, on_nan: str = "raise") -> dict:
+              overlap: bool | str | None = None, on_nan: str = "raise") -> dict:
         """Build the model shard on every rank.
 
         ``model`` is a raytp model config (with ``build(mesh, device)``) or a picklable
@@ -108,7 +109,9 @@ class TPCluster:
         ``optimizer`` is an optimizer spec (default ``raytp.AdamW()``). Every rank seeds
         torch with ``seed`` first, so tp=N holds exactly the shards of tp=1's weights.
         ``overlap`` turns the overlap of collectives with GEMMs on or off (default: on
-        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`). ``on_nan`` is what a
+        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`); ``"symm_mem"`` also
+        runs the sequence-parallel pairs through torch's fused symmetric-memory ops where
+        the GPUs can (:func:`raytp.nn.use_symm_mem`). ``on_nan`` is what a
         step with a NaN or infinite loss (or gradient norm) does: ``"raise"`` (a
         :class:`RankError` naming the step; no optimizer step) or ``"skip"`` (no optimizer
         step, ``"skipped": True`` in its metrics, and training goes on).
@@ -120,6 +123,8 @@ class TPCluster:
         optimizer = optimizer if optimizer is not None else AdamW()
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
+        if overlap not in OVERLAP:
+            raise ValueError(f"overlap={overlap!r} must be one of {OVERLAP}")
         if hasattr(model, "check_tp"):  # a raytp config: sizes tp must divide, named here
             model.check_tp(self.tp)
         if not (hasattr(model, "build") or callable(model)):

@@ -49,6 +49,7 @@ class _TPLinear(nn.Module):
         # overlap collectives with GEMMs (raytp.nn.overlap): on by default on GPU; see set_overlap
         self.overlap = mesh.device.type == "cuda"
         self.overlap_chunks = 1  # sequence-parallel pairs: chunked only when asked (set_overlap)
+        self.symm_mem = False  # sequence-parallel pairs through torch's fused ops (use_symm_mem)
         weight_shape = torch.Size((out_features, in_features))
         name = "out_features" if self.shard_dim == 0 else "in_features"
         self.blocks = _shard_blocks(blocks, weight_shape[self.shard_dim], mesh.tp_size, name)
@@ -87,9 +88,14 @@ class _TPLinear(nn.Module):
         param = nn.Parameter(torch.empty(local_shape, **self.factory))
         self.register_parameter(name, set_spec(param, spec))
 
-    def _chunked(self) -> bool:
-        """Whether a sequence-parallel all-gather / reduce-scatter runs chunk by chunk."""
-        return self.overlap and self.overlap_chunks > 1
+    def _sp_kernels(self) -> overlap.Chunked | overlap.SymmMem | None:
+        """How a sequence-parallel all-gather / reduce-scatter overlaps its GEMM; None for
+        the plain path (the collective, then the GEMM)."""
+        if not (self.sequence_parallel and self.overlap):
+            return None
+        if self.symm_mem:
+            return overlap.SymmMem()
+        return overlap.Chunked(self.overlap_chunks) if self.overlap_chunks > 1 else None
 
     def _finish_init(self):
         del self.factory
@@ -207,8 +213,8 @@ class ColumnParallelLinear(_TPLinear):
         tp = self.mesh.tp_comm
         weight = self._sliced(self.weight, self.weight_layout)
         bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
-        if self.sequence_parallel and self._chunked():
-            y = overlap.all_gather_linear(x, weight, bias, tp, self.overlap_chunks)
+        if kernels := self._sp_kernels():
+            y = overlap.all_gather_linear(x, weight, bias, tp, kernels)
         elif self.overlap and not self.sequence_parallel:
             y = overlap.linear_async_grad(x, weight, bias, tp)
         else:
@@ -275,13 +281,14 @@ class RowParallelLinear(_TPLinear):
         weight = self._sliced(self.weight, self.weight_layout)
         if self.sequence_parallel:
             check_divisible(x.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
-        if self.sequence_parallel and self._chunked():
-            y = overlap.linear_reduce_scatter(x, weight, tp, self.overlap_chunks)
+        kernels = self._sp_kernels()
+        if kernels:
+            y = overlap.linear_reduce_scatter(x, weight, tp, kernels)
         else:
             y = F.linear(x, weight)
         if not self.reduce_output:
             return y + self.bias if self.bias is not None and tp.rank == 0 else y
-        if self.sequence_parallel and not self._chunked():
+        if self.sequence_parallel and not kernels:
             y = ops.reduce_scatter_seq(y, tp, SEQ_DIM)
         elif not self.sequence_parallel:
             y = ops.reduce_from(y, tp)
@@ -290,17 +297,3 @@ class RowParallelLinear(_TPLinear):
         sharded = isinstance(get_spec(self.bias).placement, Shard)
         return y + (ops.gather_from(self.bias, tp, 0) if sharded else self.bias)
 
-
-def set_overlap(module: nn.Module, enabled: bool, chunks: int | None = None) -> nn.Module:
-    """Turn the overlap of collectives with GEMMs on or off in every TP linear layer of
-    ``module`` (on by default on GPU, off on CPU). ``chunks`` > 1 also cuts each
-    sequence-parallel all-gather / reduce-scatter into that many pieces overlapped with
-    the GEMM pieces; it is 1 by default, because on 2 NVLink-connected H200s the chunked
-    path measured slower than the plain one (docs/benchmarks.md). The math is the same
-    either way. Returns ``module``."""
-    for layer in module.modules():
-        if isinstance(layer, _TPLinear):
-            layer.overlap = enabled
-            if chunks is not None:
-                layer.overlap_chunks = chunks
-    return module

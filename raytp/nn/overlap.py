@@ -11,6 +11,10 @@
   runs chunk by chunk and each chunk's reduce-scatter overlaps the next GEMM; the
   backward all-gathers the output gradient chunk by chunk.
 
+The sequence-parallel pair take their kernels from :class:`Chunked` (raytp's chunks
+over any backend) or :class:`SymmMem` (torch's fused symmetric-memory ops, where the
+group can run them).
+
 On CUDA the collectives of torch.distributed run on NCCL's own stream and those of
 the CuPy backend on raytp's communication stream; ``wait()`` orders the compute
 stream after them, and a tensor in flight is never freed before (record_stream
@@ -97,6 +101,35 @@ def _finish_chunk(out, item, cs):
     out[:, j * cs:(j + 1) * cs] = received
 
 
+class Chunked:
+    """The sequence-parallel pairs cut into ``chunks`` pieces: one piece's collective runs
+    under another's GEMM (:func:`gathered_matmul`, :func:`scattered_matmul`)."""
+
+    def __init__(self, chunks: int):
+        self.chunks = chunks
+
+    def gather_matmul(self, a, b, comm: Communicator):
+        """``(all_gather_seq(a) @ b, all_gather_seq(a))``."""
+        return gathered_matmul(a, b, comm, self.chunks)
+
+    def matmul_scatter(self, a, b, comm: Communicator):
+        """``reduce_scatter_seq(a @ b)``."""
+        return scattered_matmul(a, b, comm, self.chunks)
+
+
+class SymmMem:
+    """The sequence-parallel pairs as torch's fused symmetric-memory ops, pipelined by
+    torch with copy-engine transfers (:mod:`raytp.comm.symm_mem`); the communicator
+    must have them on (``enable_symm_mem``)."""
+
+    def gather_matmul(self, a, b, comm: Communicator):
+        a_full, out = comm.all_gather_matmul(a, b, SEQ_DIM)
+        return out, a_full
+
+    def matmul_scatter(self, a, b, comm: Communicator):
+        return comm.matmul_reduce_scatter(a, b, SEQ_DIM)
+
+
 class _LinearAsyncGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, comm):
@@ -121,10 +154,10 @@ class _LinearAsyncGrad(torch.autograd.Function):
 
 class _AllGatherLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, comm, chunks):
-        y, x_full = gathered_matmul(x, weight.t(), comm, chunks)
+    def forward(ctx, x, weight, bias, comm, kernels):
+        y, x_full = kernels.gather_matmul(x, weight.t(), comm)
         ctx.save_for_backward(x_full, weight)
-        ctx.comm, ctx.chunks, ctx.has_bias, ctx.tag = comm, chunks, bias is not None, current_tag()
+        ctx.comm, ctx.kernels, ctx.has_bias, ctx.tag = comm, kernels, bias is not None, current_tag()
         return y if bias is None else y + bias
 
     @staticmethod
@@ -134,7 +167,7 @@ class _AllGatherLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             with backward_tag(ctx):
-                grad_x = scattered_matmul(grad_y, weight, ctx.comm, ctx.chunks)
+                grad_x = ctx.kernels.matmul_scatter(grad_y, weight, ctx.comm)
         grad_w = _weight_grad(grad_y, x_full) if ctx.needs_input_grad[1] else None
         grad_b = _bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
@@ -142,16 +175,16 @@ class _AllGatherLinear(torch.autograd.Function):
 
 class _LinearReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, comm, chunks):
+    def forward(ctx, x, weight, comm, kernels):
         ctx.save_for_backward(x, weight)
-        ctx.comm, ctx.chunks, ctx.tag = comm, chunks, current_tag()
-        return scattered_matmul(x.contiguous(), weight.t(), comm, chunks)
+        ctx.comm, ctx.kernels, ctx.tag = comm, kernels, current_tag()
+        return kernels.matmul_scatter(x.contiguous(), weight.t(), comm)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         with backward_tag(ctx):
-            grad_x, grad_y_full = gathered_matmul(grad_y.contiguous(), weight, ctx.comm, ctx.chunks)
+            grad_x, grad_y_full = ctx.kernels.gather_matmul(grad_y.contiguous(), weight, ctx.comm)
         grad_w = _weight_grad(grad_y_full, x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None
 
@@ -164,19 +197,19 @@ def linear_async_grad(x, weight, bias, comm: Communicator) -> torch.Tensor:
     return _LinearAsyncGrad.apply(x, weight, bias, comm)
 
 
-def all_gather_linear(x, weight, bias, comm: Communicator, chunks: int = 2) -> torch.Tensor:
-    """``F.linear(all_gather_seq(x), weight, bias)`` with the gather overlapped, chunk by
-    chunk. (B, T / size, K) -> (B, T, N_r). Collectives: forward ``chunks`` all-gathers;
-    backward ``chunks`` reduce-scatters."""
+def all_gather_linear(x, weight, bias, comm: Communicator, kernels: Chunked | SymmMem) -> torch.Tensor:
+    """``F.linear(all_gather_seq(x), weight, bias)`` with the gather overlapped by
+    ``kernels``. (B, T / size, K) -> (B, T, N_r). Collectives: forward ``chunks``
+    all-gathers (one fused one with :class:`SymmMem`); backward as many reduce-scatters."""
     if comm.size == 1:
         return F.linear(x, weight, bias)
-    return _AllGatherLinear.apply(x, weight, bias, comm, chunks)
+    return _AllGatherLinear.apply(x, weight, bias, comm, kernels)
 
 
-def linear_reduce_scatter(x, weight, comm: Communicator, chunks: int = 2) -> torch.Tensor:
-    """``reduce_scatter_seq(F.linear(x, weight))`` with the reduce-scatter overlapped, chunk
-    by chunk. (B, T, K_r) -> (B, T / size, N). Collectives: forward ``chunks``
-    reduce-scatters; backward ``chunks`` all-gathers."""
+def linear_reduce_scatter(x, weight, comm: Communicator, kernels: Chunked | SymmMem) -> torch.Tensor:
+    """``reduce_scatter_seq(F.linear(x, weight))`` with the reduce-scatter overlapped by
+    ``kernels``. (B, T, K_r) -> (B, T / size, N). Collectives: forward ``chunks``
+    reduce-scatters (one fused one with :class:`SymmMem`); backward as many all-gathers."""
     if comm.size == 1:
         return F.linear(x, weight)
-    return _LinearReduceScatter.apply(x, weight, comm, chunks)
+    return _LinearReduceScatter.apply(x, weight, comm, kernels)
