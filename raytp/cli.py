@@ -61,7 +61,7 @@ def _bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--sizes", type=_csv(int), default=None,
                        help="MLP hidden sizes and block token counts to keep, e.g. 2048,8192")
     bench.add_argument("--contenders", type=_csv(str), default=None,
-                       help="one-gpu,torch-tp,raytp,raytp-overlap,raytp-cupy (default all)")
+                       help="one-gpu,torch-tp,raytp,raytp-overlap,raytp-cupy,raytp-symm-mem (default all)")
     bench.add_argument("--json", default=None, help="write the full results here")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, few steps (CPU smoke test)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed steps first (5; quick 1)")

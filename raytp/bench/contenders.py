@@ -10,6 +10,8 @@
   part of the same weights, on the torch.distributed (NCCL / gloo) communicators.
 - ``raytp-overlap``: the same with communication overlapped with compute.
 - ``raytp-cupy``: raytp (with overlap, where raytp has it) on CuPy NCCL communicators.
+- ``raytp-symm-mem``: raytp with overlap, the sequence-parallel pairs through torch's
+  fused symmetric-memory ops (SP workloads only; skipped where the GPUs cannot run them).
 
 A step is what is timed: forward and backward against a fixed output gradient for the
 MLP and block (the input needs its gradient, as in the middle of a model, so the
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import raytp.nn
 from raytp.bench import convert, reference
 from raytp.bench.convert import Skip
 from raytp.bench.nullcomm import null_mesh
@@ -36,8 +39,8 @@ from raytp.mesh import DeviceMesh
 from raytp.nn.rotary import rope_tables
 from raytp.optim import sync_grads
 
-CONTENDERS = ("one-gpu", "torch-tp", "raytp", "raytp-overlap", "raytp-cupy")
-RAYTP = ("raytp", "raytp-overlap", "raytp-cupy")
+CONTENDERS = ("one-gpu", "torch-tp", "raytp", "raytp-overlap", "raytp-cupy", "raytp-symm-mem")
+RAYTP = ("raytp", "raytp-overlap", "raytp-cupy", "raytp-symm-mem")
 # raytp with no collectives (exposed communication = contender - this), by overlap setting
 NO_COMM = {False: "raytp-no-comm", True: "raytp-overlap-no-comm"}
 
@@ -99,8 +102,8 @@ def is_null(name: str) -> bool:
 
 
 def overlap_of(name: str) -> bool:
-    """The overlap setting of a raytp contender (CuPy runs with overlap)."""
-    return name in ("raytp-overlap", "raytp-cupy", NO_COMM[True])
+    """The overlap setting of a raytp contender (CuPy and symmetric memory run with overlap)."""
+    return name in ("raytp-overlap", "raytp-cupy", "raytp-symm-mem", NO_COMM[True])
 
 
 def make_inputs(w: Workload, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
@@ -155,12 +158,17 @@ def _torch_tp(ref, w, inputs, mesh) -> Instance:
 
 
 def _raytp(name, ref, w, inputs, mesh, overlap, seed) -> Instance:
+    sp = isinstance(w, BlockWorkload) and w.sequence_parallel
+    if name == "raytp-symm-mem" and not sp:
+        raise Skip("the symmetric-memory ops serve sequence parallelism; this workload has none")
     if isinstance(w, MLPWorkload):
         model = convert.raytp_mlp(ref, w, mesh, overlap)
     elif isinstance(w, BlockWorkload):
         model = convert.raytp_block(ref, w, mesh, overlap, seed)
     else:
         model = convert.raytp_gpt(ref, w, mesh, overlap)
+    if name == "raytp-symm-mem" and (reason := raytp.nn.use_symm_mem(model)) is not None:
+        raise Skip(f"symmetric-memory ops unavailable: {reason}")
     if isinstance(w, GPTWorkload):
         batch = {"input_ids": inputs["ids"], "labels": inputs["labels"]}
 
@@ -174,7 +182,6 @@ def _raytp(name, ref, w, inputs, mesh, overlap, seed) -> Instance:
         opt = _adamw(model)
         step = _train_step(lambda: model.loss(batch), opt, after_backward=lambda: sync_grads(model, mesh))
         return Instance(name, step, check, model, opt, overlap, mesh)
-    sp = isinstance(w, BlockWorkload) and w.sequence_parallel
     return _activation_instance(name, model, w, inputs, mesh, sp, overlap=overlap, mesh=mesh)
 
 

@@ -144,7 +144,9 @@ METHOD = """\
   `loss_parallel` for the GPT).
 - raytp / raytp-overlap / raytp-cupy: raytp's ParallelMLP, Block and GPT holding the
   same weights, on torch.distributed, with overlap, and on CuPy NCCL (with overlap where
-  raytp has it).
+  raytp has it). raytp-symm-mem: raytp-overlap with the sequence-parallel all-gather ->
+  GEMM and GEMM -> reduce-scatter pairs through torch's fused symmetric-memory ops
+  (`raytp.nn.use_symm_mem`); SP workloads only, skipped where the GPUs cannot run them.
 - A step: forward + backward against a fixed output gradient, the input requiring its
   gradient (MLP, block); forward + cross-entropy + backward + AdamW (foreach) for the GPT.
 - Model FLOPs: MLP `12 T h f`; block `6 P T + 12 T^2 d` (P: matmul weights, attention
