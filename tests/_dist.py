@@ -34,6 +34,9 @@ def _worker(rank, world, port, backend, inbox, outbox):
     torch.set_num_threads(1)
     if backend == "nccl":  # one GPU per rank, on the GPU host
         torch.cuda.set_device(rank)
+    elif backend == "gloo-cuda":  # gloo's CUDA collectives, ranks sharing the GPUs there are
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        backend = "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     while (job := inbox.get()) is not None:
@@ -103,7 +106,8 @@ _worlds: dict[tuple[int, str], World] = {}
 
 def run(world_size: int, fn, *args, backend: str = "gloo"):
     """Run ``fn(*args)`` on every rank of a ``world_size`` world of ``backend`` ("gloo" on
-    CPU, "nccl" with one GPU per rank); return the results in rank order."""
+    CPU, "nccl" with one GPU per rank, "gloo-cuda" with ranks sharing the GPUs); return
+    the results in rank order."""
     world = _worlds.get((world_size, backend))
     if world is None or not world.alive:
         world = _worlds[(world_size, backend)] = World(world_size, backend)
