@@ -2,10 +2,8 @@
 regex of its message, run on one TP=2 cluster of CPU ranks in the local Ray that raytp
 starts itself; after each, a valid training step still runs on the same cluster. Also,
 on the same cluster (one Ray start for all: the suite must stay fast): on_nan="skip";
-token authentication and the dashboard of that Ray, and no unpickling or remote code
-anywhere in the code base; the per-rank metrics scraped from Ray's Prometheus endpoint,
-a rank that sleeps flagged as the straggler (and the rank that waits for it not); the
-per-rank phase timeline drawn as a PNG.
+token authentication and the dashboard of that Ray. The telemetry tests
+(tests/test_telemetry.py) use this module's models.
 
 (A pickle-bearing ``pytorch_model.bin`` given to ``raytp.models.from_pretrained`` is
 refused, without being unpickled, in tests/test_hf_load.py::test_pickles_and_unknown_models_are_refused.)
@@ -13,13 +11,11 @@ refused, without being unpickled, in tests/test_hf_load.py::test_pickles_and_unk
 
 import math
 import os
-import re
 import shutil
 import socket
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +28,6 @@ from torch import nn
 import raytp
 from raytp.checkpoint import CheckpointError
 from raytp.driver import ClusterResourceError, RankError
-from raytp.metrics import stragglers
 from raytp.models import BertConfig, GPTConfig
 from raytp.validate import ClassifierInputs, classifier_inputs
 
@@ -70,17 +65,6 @@ def nan_when_flagged(model, batch):
     return loss * float("nan") if bool(batch["flag"][0]) else loss
 
 
-SLEEP_S = 0.25
-
-
-def sleepy_loss(model, batch):
-    """TP rank 1 sleeps in the middle of its forward, after the first collective."""
-    logits = model(batch["x"])
-    if model.fc_in.mesh.tp_rank == 1:
-        time.sleep(SLEEP_S)
-    return F.cross_entropy(logits, batch["y"])
-
-
 def net_batch(n=8, seed=None, **change):
     rng = np.random.default_rng(n if seed is None else seed)
     return {"x": rng.standard_normal((n, 12)), "y": rng.integers(0, 5, n), **change}
@@ -103,7 +87,6 @@ MODELS = {  # the builds the cases run on
     "nan_raise": {"model": Net, "plan": PLAN, "loss_fn": nan_when_flagged},
     "nan_skip": {"model": Net, "plan": PLAN, "loss_fn": nan_when_flagged, "on_nan": "skip"},
     "gpt_vocab41": {"model": gpt(vocab_size=41)},
-    "sleepy": {"model": Net, "plan": PLAN, "loss_fn": sleepy_loss},
     "bert": {"model": BertConfig(vocab_size=37, n_layers=1, n_heads=2, d_model=16, max_seq_len=16),
              "loss_fn": lambda model, batch: model(batch["input_ids"]).pow(2).mean()},
 }
@@ -275,6 +258,8 @@ CASES = [
          r"not taken"),
     Case("on_nan value", "net", build(model=Net, plan=PLAN, on_nan="ignore"), ValueError,
          r"^on_nan='ignore' must be one of \('raise', 'skip'\)$"),
+    Case("overlap value", "net", build(model=Net, plan=PLAN, overlap="fused"), ValueError,
+         r"^overlap='fused' must be one of \(None, False, True, 'symm_mem'\)$"),
     # checkpoints
     Case("missing checkpoint", "gpt", lambda cluster, ctx: cluster.load(str(ctx["tmp"] / "none")),
          CheckpointError, r"none is not a raytp checkpoint: checkpoint\.json is missing$"),
@@ -389,93 +374,3 @@ def test_the_ray_raytp_starts_has_token_auth_and_no_dashboard(ranks):
     assert ranks.cluster.run(_auth_env) == ["token", "token"]  # the ranks' processes too
     node = ray._private.worker.global_worker.node
     assert not node.address_info.get("webui_url")  # include_dashboard=False: no dashboard at all
-
-
-
-# -- telemetry ----------------------------------------------------------------------------
-
-SAMPLE = re.compile(r'^(\w+)\{(.*)\} (\S+)$')
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-GAUGES = ["ray_raytp_step_seconds", "ray_raytp_tokens_per_second", "ray_raytp_loss", "ray_raytp_grad_norm",
-          "ray_raytp_peak_memory_bytes", "ray_raytp_comm_bytes", "ray_raytp_comm_seconds"]
-
-
-def scrape(port: int) -> list[tuple[str, dict, float]]:
-    """(name, labels, value) of every raytp sample at Ray's Prometheus endpoint."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = []
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match and "raytp" in match[1]:
-            samples.append((match[1], dict(LABEL.findall(match[2])), float(match[3])))
-    return samples
-
-
-def scrape_until(port: int, ready, deadline_s: float = 45.0) -> list[tuple[str, dict, float]]:
-    """Poll the endpoint until ``ready(samples)``: Ray exports every 10 s by default."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        samples = scrape(port)
-        if ready(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.5)
-
-
-def value(samples, name: str, **labels) -> float | None:
-    found = [v for n, tags, v in samples if n == name and labels.items() <= tags.items()]
-    return found[0] if found else None
-
-
-def exported(samples, row) -> bool:
-    """Whether ``samples`` show the step of ``row`` (a metrics() row) and its straggler flag."""
-    rank = str(row["rank"])
-    return value(samples, "ray_raytp_straggler", rank=rank) == float(row["straggler"]) and all(
-        value(samples, "ray_raytp_phase_seconds", rank=rank, phase=p) == pytest.approx(row[f"{p}_s"])
-        for p in ("forward", "backward", "optim"))
-
-
-def test_stragglers_ignore_waits_in_collectives_and_jitter():
-    fast = {"forward_s": 0.01, "backward_s": 0.01, "step_s": 0.23}
-    rows = [{**fast, "optim_s": 0.21, "optim_comm_s": 0.2}, {**fast, "forward_s": 0.21, "optim_s": 0.01}]
-    assert stragglers(rows) == [1]
-    waits_unknown = [{k: v for k, v in r.items() if not k.endswith("comm_s")} for r in rows]
-    assert stragglers(waits_unknown) == [0, 1]  # the waiting rank looks slow too
-    jitter = [{**fast, "optim_s": 0.018}, {**fast, "optim_s": 0.01}]  # 8 ms more in a 230 ms step
-    assert stragglers(jitter) == [] and stragglers(jitter, min_share=0) == [0]
-
-
-def test_a_sleeping_rank_is_flagged_and_every_rank_exports_its_metrics(ranks):
-    cluster = ranks.use("sleepy")
-    summaries = [cluster.train_step(net_batch(seed=i)) for i in range(3)]
-    assert [s["stragglers"] for s in summaries] == [[1], [1], [1]]
-    rows = cluster.metrics()[-6:]
-    assert [(r["rank"], r["straggler"]) for r in rows] == [(0, False), (1, True)] * 3
-    assert all(r["forward_s"] > SLEEP_S for r in rows if r["rank"] == 1)
-    assert all(r["optim_comm_s"] > SLEEP_S / 2 for r in rows if r["rank"] == 0)  # rank 0 waited for it
-    port = ray.nodes()[0]["MetricsExportPort"]
-    samples = scrape_until(port, lambda s: all(exported(s, row) for row in rows[-2:]))
-    for row in rows[-2:]:
-        rank = str(row["rank"])
-        assert exported(samples, row), rank
-        for name in GAUGES:
-            assert value(samples, name, rank=rank) is not None, (name, rank)
-        assert value(samples, "ray_raytp_loss", rank=rank) == pytest.approx(row["loss"])
-        assert value(samples, "ray_raytp_comm_bytes", rank=rank) == row["comm_bytes"] > 0
-        assert value(samples, "ray_raytp_steps_total", rank=rank) >= 3
-    assert {tags["phase"] for name, tags, _ in samples if name == "ray_raytp_phase_seconds"} == {
-        "forward", "backward", "optim"}
-
-
-def test_timeline_png_shows_phases_per_rank_and_the_straggler(ranks, tmp_path):
-    from matplotlib.image import imread
-
-    cluster = ranks.use("sleepy")
-    for i in range(4):
-        cluster.train_step(net_batch(seed=i))
-    image = imread(cluster.plot_timeline(str(tmp_path / "timeline.png"), steps=4))
-    assert image.shape[0] > 200 and image.shape[1] > 1000
-    colors = {tuple(int(c) for c in px) for px in (image[..., :3] * 255).reshape(-1, 3)[::7]}
-    for rgb in ((0x4C, 0x72, 0xB0), (0x55, 0xA8, 0x68), (0xD6, 0x27, 0x28)):  # forward, optim, straggler
-        assert any(all(abs(a - b) <= 2 for a, b in zip(rgb, c, strict=True)) for c in colors), rgb
-    with pytest.raises(ValueError, match=r"^steps=0 must be a positive integer"):
-        cluster.plot_timeline(str(tmp_path / "none.png"), steps=0)
