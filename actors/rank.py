@@ -22,6 +22,7 @@ from actors.telemetry import RankTelemetry
 from raytp import tracing
 from raytp.engine import RankEngine
 from raytp.metrics import count_params
+from raytp.nn.tuning import apply_overlap
 from raytp.validate import batch_checker
 
 log = logging.getLogger("raytp.rank")
@@ -170,9 +171,7 @@ class RankActor:
             if plan is not None:
                 module = raytp.parallelize(module, self.mesh, plan)
         if overlap is not None:
-            raytp.nn.set_overlap(module, bool(overlap))
-        if overlap == "symm_mem":
-            raytp.nn.use_symm_mem(module)
+            apply_overlap(module, overlap)
         tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
         self.built_at = time.time()
         self.engine = RankEngine(self.mesh, module, optimizer.build(module.parameters()), loss_fn,

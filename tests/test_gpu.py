@@ -48,11 +48,9 @@ def _run(backend, fn, *args):
 
 def _set_overlap(model, overlap):
     """``overlap``: False, True, or "symm_mem" (torch's fused ops, which must run here)."""
-    import raytp
+    from raytp.nn.tuning import apply_overlap
 
-    raytp.nn.set_overlap(model, bool(overlap))
-    if overlap == "symm_mem":
-        assert raytp.nn.use_symm_mem(model) is None
+    assert apply_overlap(model, overlap) is None
 
 
 def _config(**kw):

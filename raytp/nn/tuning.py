@@ -67,3 +67,13 @@ def use_symm_mem(module: nn.Module) -> str | None:
     if reason is not None:
         log.warning("symmetric-memory ops unavailable (%s); the chunked path runs instead", reason)
     return reason
+
+
+def apply_overlap(module: nn.Module, overlap: bool | str) -> str | None:
+    """Apply one of the :data:`OVERLAP` settings but None: False or True
+    (:func:`set_overlap`), or ``"symm_mem"`` (overlap on, then :func:`use_symm_mem`,
+    whose reason it returns). Collective for ``"symm_mem"``."""
+    if overlap not in OVERLAP or overlap is None:
+        raise ValueError(f"overlap={overlap!r} must be one of {OVERLAP[1:]}")
+    set_overlap(module, bool(overlap))
+    return use_symm_mem(module) if overlap == "symm_mem" else None
