@@ -1,17 +1,19 @@
 """The Ray process of one rank. A plain class: the driver applies ``ray.remote`` with
-the resources it needs. It sets the device, joins the process groups, builds the
-model shard through the core, and exposes the phases. No math lives here."""
+the resources it needs. It sets the device, joins the process groups, builds its
+:class:`~raytp.engine.RankEngine` through the core (:func:`raytp.engine.build_engine`),
+and runs the engine's methods through one verb, :meth:`RankActor.execute`. No math
+lives here."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +22,7 @@ import torch.distributed as dist
 import raytp
 from actors.telemetry import RankTelemetry
 from raytp import tracing
-from raytp.engine import RankEngine
-from raytp.metrics import count_params
-from raytp.nn.tuning import apply_overlap
-from raytp.validate import batch_checker
+from raytp.engine import BuildSpec, RankEngine, build_engine, describe
 
 log = logging.getLogger("raytp.rank")
 
@@ -68,18 +67,7 @@ def _rename_in_ray_logs(name: str) -> None:
         print(f"{LOG_PREFIX_ACTOR_NAME}{name}", file=stream, flush=True)
 
 
-def _tracked(method):
-    """Record which method the rank is running, for :meth:`RankActor.where`."""
-
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        self.current = method.__name__
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.current = None
-
-    return run
+STEPS = ("step", "train_step")  # engine phases whose results are a step's metrics
 
 
 class RankActor:
@@ -152,80 +140,44 @@ class RankActor:
         log.info("joined over CuPy NCCL: %s", self.mesh)
         return str(self.mesh.device)
 
-    @_tracked
-    def build(self, model, plan, loss_fn, optimizer, seed: int, max_grad_norm,
-              overlap: bool | str | None = None, on_nan: str = "raise") -> dict[str, Any]:
-        """Build the model shard from a raytp model config or a zero-argument factory.
-        Returns its sizes and what checks its batches on the driver
-        (:func:`raytp.validate.batch_checker`)."""
+    def build(self, spec: BuildSpec) -> dict[str, Any]:
+        """Build this rank as ``spec`` says (:func:`raytp.engine.build_engine`); returns
+        its sizes and what checks its batches on the driver."""
         if self.mesh is None:
             raise RuntimeError("build() before the rank joined its group")
-        torch.manual_seed(seed)  # the same on every rank: each then keeps its slice
-        if hasattr(model, "build"):
-            module = model.build(self.mesh, device=self.mesh.device)
-        else:
-            module = model()
-            if not isinstance(module, torch.nn.Module):
-                raise TypeError(f"the model factory returned {type(module).__name__}, not an nn.Module")
-            module = module.to(self.mesh.device)
-            if plan is not None:
-                module = raytp.parallelize(module, self.mesh, plan)
-        if overlap is not None:
-            apply_overlap(module, overlap)
-        tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
-        self.built_at = time.time()
-        self.engine = RankEngine(self.mesh, module, optimizer.build(module.parameters()), loss_fn,
-                                 max_grad_norm=max_grad_norm, on_nan=on_nan)
-        local = sum(p.numel() * p.element_size() for p in module.parameters())
-        return {"param_bytes": local, "params": count_params(module),
-                "batch_checker": batch_checker(module, loss_fn)}
+        self.current = "build"
+        try:
+            self.engine = build_engine(self.mesh, spec)
+            self.built_at = time.time()
+            return describe(self.engine, spec)
+        finally:
+            self.current = None
 
-    def _engine(self) -> RankEngine:
-        if self.engine is None:
-            raise RuntimeError("no model on this rank yet: call cluster.build(...) first")
-        return self.engine
+    def execute(self, method: str | Callable, *args, **kwargs) -> Any:
+        """Run the engine's ``method`` (a name), or ``method(actor, *args, **kwargs)`` (a
+        function), on this rank: the one verb every driver phase goes through. The method
+        running is recorded for :meth:`where`; a step's metrics are also exported through
+        Ray's metrics API (see :mod:`actors.telemetry`)."""
+        name = method if isinstance(method, str) else getattr(method, "__name__", "call")
+        self.current = name
+        try:
+            if not isinstance(method, str):
+                return method(self, *args, **kwargs)
+            if self.engine is None:
+                raise RuntimeError("no model on this rank yet: call cluster.build(...) first")
+            if method.startswith("_") or not callable(getattr(self.engine, method, None)):
+                raise AttributeError(f"the rank engine has no phase {method!r}")
+            result = getattr(self.engine, method)(*args, **kwargs)
+            if method in STEPS:
+                self._export(result)
+            return result
+        finally:
+            self.current = None
 
-    @_tracked
-    def forward(self, batch, batch_id=None):
-        return self._engine().forward(batch, batch_id)
-
-    @_tracked
-    def backward(self):
-        return self._engine().backward()
-
-    @_tracked
-    def step(self):
-        return self._exported(self._engine().step())
-
-    @_tracked
-    def train_step(self, batch, batch_id=None, next_batch=None, next_id=None):
-        return self._exported(self._engine().train_step(batch, batch_id, next_batch, next_id))
-
-    def _exported(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Record a step's metrics through Ray's metrics API (see actors.telemetry)."""
+    def _export(self, metrics: dict[str, Any]) -> None:
         if self._telemetry is None:
             self._telemetry = RankTelemetry(self.rank)
         self._telemetry.record(metrics)
-        return metrics
-
-    @_tracked
-    def evaluate(self, batch):
-        return self._engine().evaluate(batch)
-
-    @_tracked
-    def loop_train_steps(self, batch, steps: int) -> float:
-        """``steps`` training steps on one batch inside this actor, with no driver in the
-        loop; returns their wall time in seconds (the control-plane baseline)."""
-        engine = self._engine()
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.train_step(batch)
-        return time.perf_counter() - start
-
-    @_tracked
-    def call(self, fn, *args):
-        """``fn(actor, *args)`` on this rank: the actor's mesh, engine and model are there."""
-        return fn(self, *args)
 
     # -- the "control" concurrency group: answered from its own thread during a phase --
 
@@ -257,20 +209,3 @@ class RankActor:
         for comm in (getattr(self.mesh, "tp_comm", None), getattr(self.mesh, "dp_comm", None)):
             if hasattr(comm, "close"):
                 comm.close()
-
-    # -- checkpoints: the core does the work (raytp.checkpoint, raytp.models.hf_export) --
-
-    @_tracked
-    def save(self, directory: str) -> dict[str, Any]:
-        """Write this rank's shards into ``directory`` (see ``RankEngine.save_shard``)."""
-        return self._engine().save_shard(directory)
-
-    @_tracked
-    def load(self, path: str) -> dict[str, Any]:
-        """Load a checkpoint saved at any tp into this rank's model and optimizer."""
-        return self._engine().load_checkpoint(path)
-
-    @_tracked
-    def export_hf(self, directory: str) -> bool:
-        """Write the model as a Hugging Face checkpoint (collective; rank 0 writes)."""
-        return self._engine().export_hf(directory)

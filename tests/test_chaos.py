@@ -251,7 +251,7 @@ def _rank_processes() -> list[str]:
 def _assert_nothing_left(cluster, within_s: float = 30.0):
     """No placement group of the run left, and no rank process alive: not the ones that
     were killed or stopped, not the ones the recoveries made."""
-    assert cluster.actors == [] and cluster._pg is None
+    assert cluster.actors == [] and cluster.group.pg is None
     removed = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
     assert not removed, removed
     _assert_no_rank_processes(within_s)
@@ -332,15 +332,15 @@ def test_an_idle_rank_that_dies_is_seen_by_the_health_monitor(ray_local):
         cluster.train_step(batches(1)[0])
         killed = time.monotonic()
         ray.kill(cluster.actors[1])
-        while not cluster._health.dead and time.monotonic() - killed < 30:
+        while not cluster.group.health.dead and time.monotonic() - killed < 30:
             time.sleep(0.1)
         seen_s = time.monotonic() - killed
-        assert 1 in cluster._health.dead and seen_s < 10, (cluster._health.dead, seen_s)
+        assert 1 in cluster.group.health.dead and seen_s < 10, (cluster.group.health.dead, seen_s)
         if os.environ.get("RAYTP_CHAOS_REPORT"):
             out = Path(os.environ["RAYTP_CHAOS_REPORT"])
             rows = json.loads(out.read_text()) if out.exists() else []
             rows.append({"test": "idle", "phase": "idle", "rank": 1, "mode": "kill", "detected_s": seen_s,
-                         "recovered_s": None, "resumed_at": None, "error": cluster._health.dead[1]["reason"]})
+                         "recovered_s": None, "resumed_at": None, "error": cluster.group.health.dead[1]["reason"]})
             out.write_text(json.dumps(rows, indent=1))
         with pytest.raises(RankDied, match=r"rank 1 failed in train_step: the rank's actor died: .*\(seen "
                                            r"by the health monitor during train_step\)"):

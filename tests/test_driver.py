@@ -105,9 +105,9 @@ def test_phases_pipeline(cluster2):
     t0 = time.perf_counter()
     pending = []
     for b in batches:
-        cluster2.forward(b)
-        cluster2.backward()
-        pending.append(cluster2.step())
+        cluster2.submit_forward(b)
+        cluster2.submit_backward()
+        pending.append(cluster2.submit_step())
     submitted = time.perf_counter() - t0
     assert not pending[-1].done()
     summaries = [p.result() for p in pending]
@@ -123,9 +123,9 @@ def test_separate_phases_equal_one_process(cluster2):
     cluster2.build(Net, plan=PLAN, optimizer=optimizer, seed=0)
     losses = []
     for b in batches:
-        cluster2.forward(b)
-        cluster2.backward()
-        losses.append(cluster2.step().result()["loss"])
+        cluster2.submit_forward(b)
+        cluster2.submit_backward()
+        losses.append(cluster2.submit_step().result()["loss"])
     np.testing.assert_allclose(losses, reference_losses(batches, optimizer), rtol=1e-10)
 
 
@@ -235,10 +235,10 @@ def test_rank_raising_in_forward_is_named(ray_local):
     # the same through the separate phases: the step's result is the forward's error
     with raytp.TPCluster(tp=2, device="cpu", phase_timeout_s=30) as cluster:
         cluster.build(Net, plan=PLAN, loss_fn=failing_loss)
-        cluster.forward(make_batches(1)[0])
-        cluster.backward()
+        cluster.submit_forward(make_batches(1)[0])
+        cluster.submit_backward()
         with pytest.raises(RankError, match=r"rank 1 failed in forward: ValueError: bad batch") as e:
-            cluster.step().result()
+            cluster.submit_step().result()
         assert "failing_loss" in e.value.remote_traceback
 
 
@@ -267,7 +267,7 @@ def test_interrupt_keeps_the_cluster_usable_and_closing_leaves_nothing(ray_local
             cluster.fit(interrupted(make_batches(10)), progress=False)
         finished = len(cluster.history)  # every step submitted before the interrupt
         assert finished >= 2 and cluster.train_step(make_batches(1)[0])["step"] == finished
-        handles, pg = list(cluster.actors), cluster._pg
+        handles, pg = list(cluster.actors), cluster.group.pg
         raise KeyboardInterrupt  # interrupted again, inside the with block
     assert cluster.actors == [] and "closed" in repr(cluster)
     for handle in handles:

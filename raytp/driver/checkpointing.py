@@ -1,6 +1,6 @@
 """The driver's part of checkpoints: a staging directory, the ranks' files, the index,
 and the rename that makes a checkpoint complete. The ranks do the tensor work through
-:mod:`raytp.checkpoint` (``RankActor.save`` / ``load`` / ``export_hf``).
+:mod:`raytp.checkpoint` (``RankEngine.save_shard`` / ``load_checkpoint`` / ``export_hf``).
 
 The checkpoint path must be on a filesystem the driver and every rank see (one node,
 or a shared mount).
@@ -20,16 +20,16 @@ from raytp.checkpoint.sharded import read_index, write_index
 log = logging.getLogger(__name__)
 
 
-def _staged(cluster, path: str | Path, method: str, *args) -> tuple[Path, Path, list]:
-    """Run ``method(staging, *args)`` on every rank, into a fresh staging directory beside
-    ``path``; the directory is removed if a rank fails."""
-    if not cluster._built:
-        raise RuntimeError(f"{method}() before build(): there is no model to save")
+def _staged(cluster, path: str | Path, phase: str, method: str) -> tuple[Path, Path, list]:
+    """Run the engine's ``method(staging)`` on every rank (for the driver's ``phase``),
+    into a fresh staging directory beside ``path``; removed if a rank fails."""
+    if not cluster.built:
+        raise RuntimeError(f"{phase}() before build(): there is no model to save")
     path = Path(path).resolve()
     staging = staging_dir(path, uuid.uuid4().hex[:12])
     staging.mkdir(parents=True)
     try:
-        return path, staging, cluster.run(method, str(staging), *args)
+        return path, staging, cluster.run(method, str(staging), phase=phase)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -40,38 +40,36 @@ def save(cluster, path: str | Path, *, extra: dict[str, Any] | None = None) -> s
     the driver adds the index (with the data position it counted and ``extra``) and
     renames the directory to ``path``. A previous checkpoint at ``path`` is replaced only
     then, so a crash leaves it intact."""
-    cluster._drain()
-    path, staging, results = _staged(cluster, path, "save")
+    cluster.steps.drain()
+    path, staging, results = _staged(cluster, path, "save", "save_shard")
     try:
         files = {name: record for r in results for name, record in r["files"].items()}
-        write_index(staging, results[0]["meta"], files, data_position=cluster._data_position, extra=extra)
+        write_index(staging, results[0]["meta"], files, data_position=cluster.data_position, extra=extra)
         commit_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("saved %s (step %d, data position %d)", path, results[0]["meta"]["step"],
-             cluster._data_position)
+             cluster.data_position)
     return str(path)
 
 
 def load(cluster, path: str | Path) -> dict[str, Any]:
-    """Load ``path`` on every rank (resharding to this cluster's tp) and restore the data
-    position; returns ``{"step", "data_position", "extra"}``."""
-    if not cluster._built:
+    """Load ``path`` on every rank (resharding to this cluster's tp); returns ``{"step",
+    "data_position", "extra"}`` (the cluster takes the data position from it)."""
+    if not cluster.built:
         raise RuntimeError("load() before build(): build the same model first, then load its state")
     index = read_index(Path(path))  # a clear error here rather than one per rank
     # Every file whole and unchanged before any rank loads: a rank that failed half-way
     # would leave the model part old, part loaded.
     verify_files(Path(path), index["files"])
-    cluster._drain()
-    state = cluster.run("load", str(Path(path).resolve()))[0]
-    cluster._data_position = state["data_position"]
-    return state
+    cluster.steps.drain()
+    return cluster.run("load_checkpoint", str(Path(path).resolve()), phase="load")[0]
 
 
 def export_hf(cluster, path: str | Path) -> str:
     """Gather the model and write it as a Hugging Face checkpoint at ``path`` (atomically)."""
-    path, staging, results = _staged(cluster, path, "export_hf")
+    path, staging, results = _staged(cluster, path, "export_hf", "export_hf")
     if not any(results):
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError("no rank wrote the export")

@@ -1,4 +1,9 @@
-"""``TPCluster``: the driver side of raytp."""
+"""``TPCluster``: the driver side of raytp.
+
+Every phase follows one convention: ``submit_x(...)`` submits one call per rank and
+returns a :class:`Pending` at once; ``x(...)`` is ``submit_x(...).result()``. Each call
+reaches the rank's :class:`~raytp.engine.RankEngine` through ``RankActor.execute``.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,15 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.telemetry import record_stragglers
-from raytp import validate
 from raytp.driver import checkpointing, launch, recovery
-from raytp.driver.errors import RECOVERABLE, RankDied, RankError
-from raytp.driver.health import HealthMonitor
-from raytp.driver.pending import Pending, PutBatch
+from raytp.driver.group import RankGroup
+from raytp.driver.pending import Pending, PutBatch, check_picklable, put_batch
 from raytp.driver.progress import fit_loop
 from raytp.driver.recovery import RecoveryPolicy
-from raytp.engine import ON_NAN
-from raytp.metrics import summarize_step
-from raytp.nn.tuning import OVERLAP
-from raytp.optim import AdamW
+from raytp.driver.steplog import StepLog
+from raytp.engine import BuildSpec, InferenceOnly
+from raytp.engine.rank import NO_OPTIMIZER
+from raytp.engine.spec import DEFAULT_OPTIMIZER
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ BACKENDS = ("auto", "torch", "cupy-nccl")
 
 class TPCluster:
     """``tp x dp`` rank actors on a Ray cluster, one per GPU (or CPU rank), and the
-    phases of training on them.
+    phases of training and inference on them.
 
     Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
     process is in) or starts an embedded local one. Raises a clear error within
@@ -40,9 +42,9 @@ class TPCluster:
     (torch.distributed: NCCL on GPUs, gloo on CPU; the default) or "cupy-nccl" (NCCL
     communicators made through CuPy from unique ids the driver hands out; needs the
     ``cuda12``/``cuda13`` extra). Use it as a context manager, or call :meth:`close`.
+    The ranks are ``self.group`` (a :class:`RankGroup`); the steps' metrics are
+    ``self.steps`` (a :class:`StepLog`).
     """
-
-    _batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
 
     def __init__(self, tp: int = 2, dp: int = 1, device: str = "auto", backend: str = "auto",
                  address: str | None = None, timeout_s: float = 120.0, *,
@@ -56,21 +58,12 @@ class TPCluster:
         if backend == "cupy-nccl" and device == "cpu":
             raise ValueError("backend='cupy-nccl' is NCCL: it needs device='cuda' (or 'auto' on GPUs)")
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
-        self.timeout_s, self.phase_timeout_s = timeout_s, phase_timeout_s
         self.recovery = RecoveryPolicy(max_failures, checkpoint_dir, checkpoint_every)
-        self.failures: list[dict] = []  # each rank failure survived or not: rank, phase, cause, times
-        self._log_level = logging._checkLevel(log_level)
-        self._build_args: tuple | None = None
-        self.actors: list = []
-        self._pg = None
-        self._built = False
+        self.steps = StepLog(tp, self.world_size)
+        self.spec: BuildSpec | None = None  # what the ranks were built from (recover() builds it again)
         self._data_position = 0  # training batches consumed since build (or as loaded)
-        self._rows: list[dict] = []
-        self._history: list[dict] = []
-        self._unread: list[Pending] = []
         self._phases: list[Pending] = []  # this step's forward and backward, until its step()
-        self._health: HealthMonitor | None = None  # pings the ranks while they run
-        self._last_phase = "start"  # the last call given to the ranks (what a dead rank was doing)
+        self._batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
         self._batches_put = 0
         self._owns_ray = launch.connect(address)
         _open.add(self)
@@ -79,140 +72,129 @@ class TPCluster:
             if backend == "cupy-nccl" and self.device != "cuda":
                 raise ValueError("backend='cupy-nccl' needs GPUs; the cluster has too few")
             self.backend = "torch" if backend == "auto" else backend
-            self._start()
+            self.group = RankGroup(tp, dp, self.device, self.backend, timeout_s=timeout_s,
+                                   log_level=logging._checkLevel(log_level), phase_timeout_s=phase_timeout_s)
+            self.group.start()
         except BaseException:
             self.close()
             raise
         log.info("TPCluster ready: tp=%d dp=%d on %s", tp, dp, self.device)
 
-    def _start(self) -> None:
-        """Reserve the placement group, start the rank actors and join them."""
-        self._pg = launch.reserve(self.tp, self.dp, self.device, self.timeout_s)
-        self.actors, self.nodes = launch.start_actors(self._pg, self.tp, self.dp, self.device,
-                                                      self._log_level, self.timeout_s)
-        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
-                          self.timeout_s, self.backend)
-        self._health = HealthMonitor(self.actors, lambda: self._last_phase)
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    @property
+    def failures(self) -> list[dict]:
+        """Each rank failure, survived or not: its error, phase, ranks and times."""
+        return self.group.failures
+
+    @property
+    def built(self) -> bool:
+        return self.spec is not None
 
     # -- building -------------------------------------------------------------------
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
-              optimizer=None, seed: int = 0, max_grad_norm: float | None = None,
+              optimizer=DEFAULT_OPTIMIZER, seed: int = 0, max_grad_norm: float | None = None,
               overlap: bool | str | None = None, on_nan: str = "raise") -> dict:
-        """Build the model shard on every rank.
-
-        ``model`` is a raytp model config (with ``build(mesh, device)``) or a picklable
-        zero-argument callable returning a plain ``nn.Module``, parallelized on each
-        rank with ``plan`` (see :func:`raytp.parallelize`). ``loss_fn(model, batch)``
-        returns a scalar loss, or ``(loss, extra_metrics)``; by default the model's own
-        ``loss(batch)``, or cross-entropy of ``model(batch["x"])`` against ``batch["y"]``.
-        ``optimizer`` is an optimizer spec (default ``raytp.AdamW()``). Every rank seeds
-        torch with ``seed`` first, so tp=N holds exactly the shards of tp=1's weights.
-        ``overlap`` turns the overlap of collectives with GEMMs on or off (default: on
-        on GPUs, off on CPU ranks; see :func:`raytp.nn.set_overlap`); ``"symm_mem"`` also
-        runs the sequence-parallel pairs through torch's fused symmetric-memory ops where
-        the GPUs can (:func:`raytp.nn.use_symm_mem`). ``on_nan`` is what a
-        step with a NaN or infinite loss (or gradient norm) does: ``"raise"`` (a
-        :class:`RankError` naming the step; no optimizer step) or ``"skip"`` (no optimizer
-        step, ``"skipped": True`` in its metrics, and training goes on).
-
-        From then on, every batch is checked on the driver before it is sent (see
-        :mod:`raytp.validate`): by the model config's ``validate_batch``, or for a plain
-        module under the default loss, against its first and last linear layers.
-        """
-        optimizer = optimizer if optimizer is not None else AdamW()
-        if on_nan not in ON_NAN:
-            raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
-        if overlap not in OVERLAP:
-            raise ValueError(f"overlap={overlap!r} must be one of {OVERLAP}")
-        if hasattr(model, "check_tp"):  # a raytp config: sizes tp must divide, named here
-            model.check_tp(self.tp)
-        if not (hasattr(model, "build") or callable(model)):
-            raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
-                            f"got {type(model).__name__}")
-        for name, value in (("model", model), ("loss_fn", loss_fn), ("plan", plan),
-                            ("optimizer", optimizer)):
-            _check_picklable(name, value)
-        args = {"model": model, "plan": plan, "loss_fn": loss_fn, "optimizer": optimizer, "seed": seed,
-                "max_grad_norm": max_grad_norm, "overlap": overlap, "on_nan": on_nan}
-        self._check_alive()
-        self._last_phase = "build"
-        infos = self._wait([a.build.remote(*args.values()) for a in self.actors], "build")
-        self._build_args = args  # what recover() builds again, once it built here
-        self._built, self._data_position = True, 0
+        """Build the model shard on every rank from the :class:`raytp.engine.BuildSpec` of
+        these arguments, or from ``model`` when it is one (its docstring says what each
+        does; it checks them, here on the driver). ``optimizer=None`` builds
+        inference-only ranks: no optimizer state, no gradients; the training phases
+        raise. From then on every batch is checked on the driver before it is sent
+        (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
+        spec = model if isinstance(model, BuildSpec) else BuildSpec(
+            model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed,
+            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan)
+        spec.check_tp(self.tp)  # sizes tp must divide, named here
+        for name in ("model", "loss_fn", "plan", "optimizer"):
+            check_picklable(name, getattr(spec, name))
+        infos = self.group.build(spec)
+        self.spec, self._data_position = spec, 0
         self._batch_checker = infos[0]["batch_checker"]
-        return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos]}
+        return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos],
+                "trains": spec.trains}
 
-    # -- phases -----------------------------------------------------------------------
+    # -- phases: submit_x returns a Pending, x blocks -----------------------------------
 
-    def forward(self, batch: Mapping[str, Any]) -> Pending:
-        """Submit the forward pass (loss) on every rank; returns at once."""
+    def submit_forward(self, batch: Mapping[str, Any]) -> Pending:  # forward(): kept for backward()
         put = self.put_batch(batch)
         self._data_position += 1
-        pending = self._submit("forward", [(ref, put.id) for ref in put.refs])
-        self._phases = [pending]
-        return pending
+        self._phases = [self._submit("forward", [(ref, put.id) for ref in put.refs])]
+        return self._phases[0]
 
-    def backward(self) -> Pending:
-        """Submit the backward pass on every rank; returns at once."""
-        pending = self._submit("backward")
-        self._phases.append(pending)
-        return pending
+    def forward(self, batch: Mapping[str, Any]) -> list[dict]:
+        return self.submit_forward(batch).result()
 
-    def step(self) -> Pending:
-        """Submit gradient sync and the optimizer step; its result is the step's metrics
-        (or the error of this step's forward or backward on any rank)."""
-        pending = self._submit("step", finish=self._record, after=self._phases)
+    def submit_backward(self) -> Pending:
+        self._phases.append(self._submit("backward", training=True))
+        return self._phases[-1]
+
+    def backward(self) -> list[dict]:
+        return self.submit_backward().result()
+
+    def submit_step(self) -> Pending:
+        # its result: the step's summary, or the error of its forward or backward on any rank
+        pending = self._submit("step", finish=self.steps.record, after=self._phases, training=True)
         self._phases = []
         return pending
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict:
-        """Forward, backward and step on every rank (one call per rank); the step's summary."""
-        return self.submit_train_step(batch).result()
+    def step(self) -> dict:
+        return self.submit_step().result()
 
     def submit_train_step(self, batch, prefetch: PutBatch | None = None) -> Pending:
-        """Submit one training step on ``batch`` (a dict of arrays, or one already put with
+        """One training step on ``batch`` (a dict of arrays, or one already put with
         :meth:`put_batch`). ``prefetch``, the next step's put batch, is copied to the
         devices while this step runs (on GPUs, on each rank's data stream)."""
+        self._need_training("train_step")
         put = batch if isinstance(batch, PutBatch) else self.put_batch(batch)
         nxt = prefetch.refs if prefetch is not None else [None] * self.world_size
         next_id = prefetch.id if prefetch is not None else None
         args = [(ref, put.id, n, next_id) for ref, n in zip(put.refs, nxt, strict=True)]
         self._data_position += 1
-        return self._submit("train_step", args, finish=self._record)
+        return self._submit("train_step", args, finish=self.steps.record, training=True)
 
-    def evaluate(self, batch: Mapping[str, Any]) -> dict:
-        """Loss (and the loss function's extras) without gradients, averaged over DP groups."""
-        return self.submit_evaluate(batch).result()
+    def train_step(self, batch: Mapping[str, Any]) -> dict:  # forward, backward, step: one call per rank
+        return self.submit_train_step(batch).result()
 
     def submit_evaluate(self, batch: Mapping[str, Any]) -> Pending:
         return self._submit("evaluate", [(ref,) for ref in self.put_batch(batch).refs],
                             finish=self._mean_over_dp)
 
+    def evaluate(self, batch: Mapping[str, Any]) -> dict:  # loss and extras, no grad, mean over DP
+        return self.submit_evaluate(batch).result()
+
     def _mean_over_dp(self, results: list[dict]) -> dict:
         leaders = results[:: self.tp]
         return {k: float(np.mean([r[k] for r in leaders])) for k in leaders[0]}
 
-    def run(self, method: str | Callable, *args, per_rank_args: list[tuple] | None = None) -> list:
-        """Call ``method`` on every rank and return the results in rank order.
-
-        ``method`` names a :class:`~actors.RankActor` method, or is a picklable
-        function called as ``fn(actor, *args)``. The same ``args`` go to every rank;
-        per-rank arguments are given explicitly, one tuple per rank, as ``per_rank_args``.
-        """
+    def submit_run(self, method: str | Callable, *args, per_rank_args: list[tuple] | None = None,
+                   phase: str | None = None) -> Pending:
         if per_rank_args is not None and len(per_rank_args) != self.world_size:
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for "
                              f"{self.world_size} ranks")
-        self._check_alive()
-        self._last_phase = name = getattr(method, "__name__", str(method))
-        refs = []
-        for rank, actor in enumerate(self.actors):
-            rank_args = tuple(per_rank_args[rank]) if per_rank_args is not None else args
-            if callable(method):
-                refs.append(actor.call.remote(method, *rank_args))
-            else:
-                refs.append(getattr(actor, method).remote(*rank_args))
-        return self._wait(refs, name)
+        per_rank = [tuple(a) for a in per_rank_args] if per_rank_args is not None else None
+        name = phase or getattr(method, "__name__", str(method))
+        refs = self.group.call(method, per_rank or [args] * self.world_size, phase=name)
+        return Pending(self.group, refs, name)
+
+    def run(self, method: str | Callable, *args, per_rank_args: list[tuple] | None = None,
+            phase: str | None = None) -> list:
+        """Call ``method`` on every rank and return the results in rank order.
+
+        ``method`` names a :class:`~raytp.engine.RankEngine` method, or is a picklable
+        function called as ``fn(actor, *args)``. The same ``args`` go to every rank;
+        per-rank arguments are given explicitly, one tuple per rank, as ``per_rank_args``.
+        ``phase`` names the call in errors and hang reports (default: the method's name).
+        """
+        return self.submit_run(method, *args, per_rank_args=per_rank_args, phase=phase).result()
+
+    def gather(self, name: str):
+        """The full parameter ``name`` (its name in ``model.named_parameters()``) as a CPU
+        tensor, assembled on the ranks from their shards."""
+        self._need_built("gather")
+        return self.run("gather", name)[0]
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
             eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
@@ -221,107 +203,89 @@ class TPCluster:
         step, the loss and the throughput; evaluate ``eval_batch`` every ``eval_every``
         steps. Step k+1 is submitted before step k's metrics are read, so the ranks never
         wait for the driver. Returns the per-step history."""
+        self._need_training("fit")
         return fit_loop(self, batches, steps=steps, eval_batch=eval_batch, eval_every=eval_every,
                         progress=progress)
+
+    def _submit(self, phase: str, args: list[tuple] | None = None, finish=None,
+                after: list[Pending] | None = None, training: bool = False) -> Pending:
+        if training:
+            self._need_training(phase)
+        self._need_built(phase)
+        refs = self.group.call(phase, args)
+        steps = self.steps if finish == self.steps.record else None  # its metrics join when read
+        return Pending(self.group, refs, phase, finish, after, steps)
+
+    def _need_built(self, phase: str) -> None:
+        self.group.check_alive()
+        if self.spec is None:
+            raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
+
+    def _need_training(self, phase: str) -> None:
+        if self.spec is not None and not self.spec.trains:
+            raise InferenceOnly(NO_OPTIMIZER.format(phase=phase).replace("on a rank", "on a cluster"))
 
     # -- metrics ----------------------------------------------------------------------
 
     def metrics(self) -> list[dict]:
         """Every step's metrics on every rank, as rows with a ``rank`` column."""
-        self._drain()
-        return list(self._rows)
+        return self.steps.rows()
 
     @property
     def history(self) -> list[dict]:
         """One summary per step: loss, slowest rank's step time, throughput, memory."""
-        self._drain()
-        return list(self._history)
+        return self.steps.history()
 
-    # -- internals ----------------------------------------------------------------------
+    def put_batch(self, batch: Mapping[str, Any]) -> PutBatch:
+        """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
+        every rank of a TP group reads the same object."""
+        self._batches_put += 1
+        return put_batch(batch, self.tp, self.dp, self._batch_checker, self._batches_put)
 
-    def _submit(self, phase: str, args: list[tuple] | None = None, finish=None,
-                after: list[Pending] | None = None) -> Pending:
-        """One call of ``phase`` per rank, with that rank's ``args``; ``after``, the calls
-        whose errors its result raises first."""
-        self._check_alive()
-        if not self._built:
-            raise RuntimeError(f"{phase}() before build(): call cluster.build(model, ...) first")
-        args = args if args is not None else [()] * self.world_size
-        refs = [getattr(a, phase).remote(*arg) for a, arg in zip(self.actors, args, strict=True)]
-        self._last_phase = phase
-        pending = Pending(self, refs, phase, finish, after)
-        if finish == self._record:  # a training step: its metrics join the history when read
-            self._unread.append(pending)
-        return pending
+    # -- checkpoints and recovery (raytp.driver.checkpointing, raytp.driver.recovery) -----
 
-    def _check_alive(self) -> None:
-        if self.actors:
-            try:  # a rank the health monitor saw die since the last call
-                launch.raise_if_dead(self._health, self._last_phase)
-            except RankDied as e:
-                raise self._fail(e) from None
-            return
-        if self.failures and not self.failures[-1].get("recovered"):
-            raise RuntimeError(f"this TPCluster lost its ranks ({self.failures[-1]['error']}); "
-                               "call recover() to rebuild them from the last checkpoint, or close()")
-        raise RuntimeError("this TPCluster is closed")
+    @property
+    def data_position(self) -> int:
+        """Training batches consumed since ``build`` (``train_step``, ``forward``, ``fit``),
+        as restored by :meth:`load`: skip that many to resume the data where it was."""
+        return self._data_position
 
-    def _wait(self, refs: list, phase: str) -> list:
-        """Every rank's result of one call; a rank that dies or a phase past its deadline
-        tears the group down (naming where each rank was) before the error is raised."""
-        try:
-            return launch.wait_all(refs, phase, self.phase_timeout_s, self._health)
-        except RECOVERABLE as e:
-            raise self._fail(e) from None
-        except RankError as e:  # the rank's own exception: the others may be stuck waiting for it
-            raise recovery.settle(self, e, refs) from None
+    def save(self, path: str, *, extra: dict | None = None) -> str:
+        """Save a sharded checkpoint (model, optimizer state, step, RNG states, data position
+        and the JSON-able ``extra``) to ``path``, atomically (:mod:`raytp.driver.checkpointing`)."""
+        return checkpointing.save(self, path, extra=extra)
 
-    def _fail(self, error: Exception) -> Exception:
-        """Tear the group down after a rank failure (see :func:`recovery.tear_down`)."""
-        return recovery.tear_down(self, error)
+    def load(self, path: str) -> dict:
+        """Load a checkpoint saved at any tp into the built model; returns ``{"step",
+        "data_position", "extra"}``."""
+        state = checkpointing.load(self, path)
+        self._data_position = state["data_position"]
+        return state
+
+    def export_hf(self, path: str) -> str:
+        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
+        return checkpointing.export_hf(self, path)
 
     def recover(self) -> dict:
         """Rebuild the ranks after a failure: a new placement group, actors and
         communicators, the model built again as before, and the last good checkpoint in
         ``checkpoint_dir`` loaded (none yet: the model starts from its seed again).
-        Returns ``{"checkpoint", "data_position"}``."""
+        Returns ``{"checkpoint", "data_position"}`` (:func:`raytp.driver.recovery.rebuild`)."""
         return recovery.rebuild(self)
 
-    def _teardown(self, grace_s: float = 5.0) -> None:
-        if self._health is not None:
-            self._health.stop()
-            self._health = None
-        launch.teardown(self.actors, self._pg, grace_s)
-        self.actors, self._pg = [], None
+    def plot_timeline(self, path: str, steps: int | None = None) -> str:
+        """Where the time went, per rank and phase, in the last ``steps`` steps (all when
+        None), drawn into the PNG file ``path`` (:func:`raytp.timeline.plot_timeline`)."""
+        from raytp.timeline import plot_timeline  # matplotlib, only when asked for
 
-    def _record(self, results: list[dict]) -> dict:
-        summary = summarize_step(results, self.tp)
-        slow = summary["stragglers"]
-        self._rows.extend({**row, "rank": rank, "straggler": rank in slow}
-                          for rank, row in enumerate(results))
-        self._history.append(summary)
-        record_stragglers(slow, self.world_size)
-        return summary
+        return plot_timeline(self.metrics(), path, steps=steps)
 
-    def _drain(self) -> None:
-        while self._unread:
-            self._unread.pop(0).result()
-
-    def put_batch(self, batch: Mapping[str, Any]) -> PutBatch:
-        """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
-        every rank of a TP group reads the same object."""
-        arrays = validate.as_arrays(batch)  # refused here, with a clear error, when it does not fit
-        per_group = validate.check_dp(arrays, self.dp)
-        if self._batch_checker is not None:
-            self._batch_checker.validate_batch(arrays, self.tp)
-        refs = [ray.put({k: v[d * per_group:(d + 1) * per_group] for k, v in arrays.items()})
-                for d in range(self.dp)]
-        self._batches_put += 1
-        return PutBatch(self._batches_put, [refs[rank // self.tp] for rank in range(self.world_size)])
+    # -- life -----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Kill the rank actors and free the placement group (and Ray, if this started it)."""
-        self._teardown()
+        if hasattr(self, "group"):
+            self.group.teardown()
         _open.discard(self)
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -337,44 +301,6 @@ class TPCluster:
     def __repr__(self):
         state = "closed" if not self.actors else self.device
         return f"TPCluster(tp={self.tp}, dp={self.dp}, {state})"
-
-    # -- checkpoints (raytp.driver.checkpointing) ----------------------------------------
-
-    @property
-    def data_position(self) -> int:
-        """Training batches consumed since ``build`` (``train_step``, ``forward``, ``fit``),
-        as restored by :meth:`load`: skip that many to resume the data where it was."""
-        return self._data_position
-
-    def save(self, path: str, *, extra: dict | None = None) -> str:
-        """Save a sharded checkpoint (model, optimizer state, step, RNG states, data position
-        and the JSON-able ``extra``) to ``path``, atomically; see
-        :func:`raytp.driver.checkpointing.save`."""
-        return checkpointing.save(self, path, extra=extra)
-
-    def load(self, path: str) -> dict:
-        """Load a checkpoint saved at any tp into the built model; returns ``{"step",
-        "data_position", "extra"}``."""
-        return checkpointing.load(self, path)
-
-    def plot_timeline(self, path: str, steps: int | None = None) -> str:
-        """Draw where the time went, per rank and phase, in the last ``steps`` steps (all
-        when None) into the PNG file ``path``; see :func:`raytp.timeline.plot_timeline`."""
-        from raytp.timeline import plot_timeline  # matplotlib, only when asked for
-
-        return plot_timeline(self.metrics(), path, steps=steps)
-
-    def export_hf(self, path: str) -> str:
-        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
-        return checkpointing.export_hf(self, path)
-
-
-def _check_picklable(name: str, value) -> None:
-    try:
-        ray.cloudpickle.dumps(value)
-    except Exception as e:  # noqa: BLE001 - pickling raises anything
-        raise TypeError(f"{name} cannot be pickled, so it cannot be sent to the ranks: "
-                        f"{type(e).__name__}: {e}") from None
 
 
 @atexit.register

@@ -10,7 +10,6 @@ import numpy as np
 from torch import nn
 
 import raytp
-from raytp.driver import launch
 
 
 class _MLP(nn.Module):
@@ -66,8 +65,7 @@ def time_modes(cluster, batch: dict, steps: int, warmup: int = 3) -> dict:
 
     ref = cluster.put_batch(batch).refs
     start = time.perf_counter()
-    refs = [a.loop_train_steps.remote(r, steps) for a, r in zip(cluster.actors, ref, strict=True)]
-    in_actor = max(launch.wait_all(refs, "loop_train_steps", None)) / steps
+    in_actor = max(cluster.run("loop_train_steps", per_rank_args=[(r, steps) for r in ref])) / steps
     wall_in_actor = (time.perf_counter() - start) / steps
     return {
         "steps": steps, "tp": cluster.tp, "dp": cluster.dp, "device": cluster.device,

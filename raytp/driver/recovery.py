@@ -17,11 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
-from raytp.driver import health
-from raytp.driver.errors import RankDied, RankError, RankHung
-
 log = logging.getLogger(__name__)
 
 
@@ -106,72 +101,21 @@ class Replay:
         self.position = position
 
 
-def tear_down(cluster, error: Exception) -> Exception:
-    """After a rank failure: name where each rank is (a stall), abort the communicators
-    of the ranks that still answer, end every actor and free the placement group; record
-    the failure in ``cluster.failures``. Returns the error to raise."""
-    at = time.time()
-    if isinstance(error, RankDied):
-        gone = [error.rank]
-    else:
-        report, gone = health.diagnose(cluster.actors, error.phase)
-        error = RankHung(error.phase, error.ranks, error.timeout_s, report)
-    ranks = [error.rank] if isinstance(error, RankDied) else error.ranks
-    _end_group(cluster, error, ranks, at, gone)
-    return error
-
-
-def _end_group(cluster, error: Exception, ranks: list[int], at: float, gone: list[int]) -> None:
-    """Abort the communicators of the ranks that still answer (all but ``gone``), end
-    every actor and free the placement group; record the failure in ``cluster.failures``."""
-    health.abort([a for rank, a in enumerate(cluster.actors) if rank not in gone])
-    cluster._teardown(grace_s=0)  # a stuck phase would hold up a graceful shutdown
-    cluster.failures.append({"error": str(error).splitlines()[0], "phase": error.phase, "ranks": ranks,
-                             "at": at, "torn_down_s": time.time() - at, "recovered": False})
-    log.error("%s; the ranks were torn down", str(error).splitlines()[0])
-
-
-SETTLE_S = 5.0  # how long the other ranks may take to end a phase in which one raised
-
-
-def settle(cluster, error: RankError, refs: list) -> RankError:
-    """After ``error`` (an exception a rank raised itself): the other ranks get
-    ``SETTLE_S`` to end the phase. Those still in it then wait in a collective that the
-    failed rank will never join; rather than leave them there until the deadline, the
-    group is torn down as after a hang, and the error says where they were and that
-    ``recover()`` rebuilds the ranks. Returns the error to raise."""
-    _, running = ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)
-    if not running:
-        return error
-    at = time.time()
-    stuck = sorted(refs.index(r) for r in running)
-    report, gone = health.diagnose(cluster.actors, error.phase)
-    note = (f"{error.message}; ranks {stuck} were still in {error.phase} {SETTLE_S:g}s later ({report}), "
-            "so the group was torn down: call recover() to rebuild it from the last checkpoint, or close()")
-    failed = RankError(error.rank, error.phase, note, error.remote_traceback)
-    failed.cause = error.cause
-    _end_group(cluster, failed, [error.rank], at, gone)
-    return failed
-
-
 def rebuild(cluster) -> dict:
-    """New ranks for ``cluster``, built as before, from its last good checkpoint."""
+    """New ranks for ``cluster``, built from the same spec, from its last good checkpoint;
+    the steps the failure undid are run again (their metrics are dropped) and the
+    failures are marked recovered."""
     start = time.monotonic()
-    cluster._teardown()
-    cluster._start()
-    cluster._unread, cluster._built = [], False
-    if cluster._build_args is not None:
-        cluster.build(**cluster._build_args)
+    cluster.group.restart()
+    cluster.steps.discard_unread()
     checkpoint = cluster.recovery.latest()
-    if checkpoint is not None and cluster._built:
-        cluster.load(str(checkpoint))
+    if cluster.spec is not None:
+        cluster.build(cluster.spec)
+        if checkpoint is not None:
+            cluster.load(str(checkpoint))
     position = cluster.data_position
-    # the steps the failure undid are run again: drop their metrics
-    cluster._history = [h for h in cluster._history if h["step"] < position]
-    cluster._rows = [r for r in cluster._rows if r["step"] < position]
-    for failure in cluster.failures:  # a failure while recovering is recovered from with it
-        if not failure["recovered"]:
-            failure.update(recovered=True, recovery_s=time.time() - failure["at"], resumed_at=position)
+    cluster.steps.truncate(position)
+    cluster.group.mark_recovered(position)
     log.warning("recovered from %s at data position %d in %.1fs",
                 checkpoint or "the initial weights", position, time.monotonic() - start)
     return {"checkpoint": str(checkpoint) if checkpoint else None, "data_position": position}

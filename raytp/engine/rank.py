@@ -1,8 +1,9 @@
-"""One rank's training state and phases: what a rank actor (or a torchrun script) drives.
+"""One rank's state and phases: what a rank actor (or a torchrun script) drives.
 
-``RankEngine`` holds the model shard, the optimizer and the loss function, and
-runs the phases of a step — forward, backward, optimizer step — returning a small
-metrics dict from each. It knows nothing of Ray.
+``RankEngine`` holds the model shard, the optimizer (None on an inference-only rank)
+and the loss function, and runs the phases of a step — forward, backward, optimizer
+step — returning a small metrics dict from each. It knows nothing of Ray: the driver
+reaches every public method through ``RankActor.execute``.
 """
 
 from __future__ import annotations
@@ -15,64 +16,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raytp.checkpoint import load_rank, save_rank
 from raytp.comm import count_collectives
+from raytp.engine.batches import batch_items, default_loss, to_device
+from raytp.engine.spec import ON_NAN
 from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
 from raytp.random import rng_state, set_rng_state
-from raytp.streams import copy_to_device
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]
-ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
 
 
 class NonFiniteLoss(FloatingPointError):
     """A step's loss or gradient norm was NaN or infinite (``on_nan="raise"``)."""
 
 
-def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]):
-    """``model.loss(batch)`` when the model has one; else cross-entropy of ``model(x)``
-    against ``y``, with the accuracy as an extra metric."""
-    if hasattr(model, "loss"):
-        return model.loss(batch)
-    if "x" not in batch or "y" not in batch:
-        raise ValueError(f"the default loss needs batch keys 'x' and 'y' (got {sorted(batch)}); "
-                         "pass loss_fn=... to build()")
-    logits = model(batch["x"])
-    loss = F.cross_entropy(logits, batch["y"])
-    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).float().mean().item()}
+NO_OPTIMIZER = ("{phase}() on a rank built without an optimizer: build(..., optimizer=None) is "
+                "inference-only (forward, evaluate, run, gather); build with optimizer=raytp.AdamW(...) "
+                "to train")
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device, stream=None):
-    """Tensors on ``device`` from a dict of numpy arrays or CPU tensors, and the copies
-    the compute stream must wait for. On CUDA they are copied from pinned memory on
-    ``stream`` (the data stream), so they can be issued ahead of use."""
-    if not isinstance(batch, Mapping) or not batch:
-        raise ValueError(f"a batch is a non-empty dict of arrays, got {type(batch).__name__}")
-    out, pending = {}, []
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.array(value))  # the object store's arrays are read-only
-        elif not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(value)
-        out[key], work = copy_to_device(value, device, stream)
-        if work is not None:
-            pending.append(work)
-    return out, pending
-
-
-def batch_items(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """(samples, tokens) in a batch: tokens are the elements of ``input_ids`` if present."""
-    first = next(iter(batch.values()))
-    samples = int(first.shape[0]) if first.dim() else 1
-    ids = batch.get("input_ids")
-    return samples, int(ids.numel()) if ids is not None else samples
+class InferenceOnly(RuntimeError):
+    """A training phase on a rank built without an optimizer."""
 
 
 class RankEngine:
@@ -86,6 +56,10 @@ class RankEngine:
     A step whose loss or global gradient norm is NaN or infinite does not step the
     optimizer: with ``on_nan="raise"`` it raises :class:`NonFiniteLoss` naming the step,
     with ``"skip"`` it drops the gradients and reports ``"skipped": True``.
+
+    With ``optimizer=None`` the rank is inference-only: its parameters do not require
+    grad, ``forward`` and ``evaluate`` run without a graph, and ``backward``, ``step``
+    and ``train_step`` raise :class:`InferenceOnly`.
     """
 
     def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -95,6 +69,8 @@ class RankEngine:
             raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
         self.on_nan = on_nan
         self.mesh, self.model, self.optimizer = mesh, model, optimizer
+        if optimizer is None:
+            model.requires_grad_(False)  # no gradient buffers, no graph kept
         self.loss_fn = loss_fn or default_loss
         self.max_grad_norm = max_grad_norm
         self.flops_per_item = flops_per_item(model)
@@ -116,15 +92,20 @@ class RankEngine:
         return loss, extras
 
     @contextmanager
+    def _named(self, name: str):
+        """``phase`` is ``name`` meanwhile (what ``RankActor.where`` reports)."""
+        self.phase = name
+        try:
+            yield
+        finally:
+            self.phase = None
+
+    @contextmanager
     def _phase(self, name: str):
         """Time the phase and count its collectives into this step's totals."""
         self._phase_starts[name] = time.time()
-        self.phase = name
-        try:
-            with self.timer.phase(name), count_collectives() as counter:
-                yield
-        finally:
-            self.phase = None
+        with self._named(name), self.timer.phase(name), count_collectives() as counter:
+            yield
         self._comm["comm_bytes"] += counter.total_bytes
         self._comm["comm_s"] += counter.seconds
         self._comm[f"{name}_comm_s"] = self._comm.get(f"{name}_comm_s", 0.0) + counter.seconds
@@ -150,19 +131,29 @@ class RankEngine:
             work.wait()
         return tensors
 
-    def forward(self, batch: Mapping[str, Any], batch_id: int | None = None) -> dict[str, Any]:
+    @property
+    def trains(self) -> bool:
+        """Whether this rank was built with an optimizer."""
+        return self.optimizer is not None
+
+    def _need_optimizer(self, phase: str) -> None:
         if self.optimizer is None:
-            raise RuntimeError("forward() before build(): this rank holds no model")
+            raise InferenceOnly(NO_OPTIMIZER.format(phase=phase))
+
+    def forward(self, batch: Mapping[str, Any], batch_id: int | None = None) -> dict[str, Any]:
+        """The loss of ``batch``, kept with its graph for :meth:`backward` (without a
+        graph on an inference-only rank)."""
         reset_peak_memory(self.mesh.device)
         self._began = time.time()
-        self.model.train()
+        self.model.train(self.trains)  # an inference-only rank's forward runs as evaluate's
         batch = self._device_batch(batch, batch_id)
-        with self._phase("forward"):
+        with self._phase("forward"), torch.set_grad_enabled(self.trains):
             self._loss, extras = self._compute_loss(batch)
         self._pending.update(batch_items=batch_items(batch), extras=extras)
         return {"phase": "forward"}
 
     def backward(self) -> dict[str, Any]:
+        self._need_optimizer("backward")
         if self._loss is None:
             raise RuntimeError("backward() without a forward(): call forward(batch) first")
         with self._phase("backward"):
@@ -170,8 +161,7 @@ class RankEngine:
         return {"phase": "backward"}
 
     def step(self) -> dict[str, Any]:
-        if self.optimizer is None:
-            raise RuntimeError("step() before build(): this rank holds no model or optimizer")
+        self._need_optimizer("step")
         if self._loss is None:
             raise RuntimeError("step() without forward() and backward()")
         with self._phase("optim"):
@@ -211,31 +201,62 @@ class RankEngine:
                    next_batch: Mapping[str, Any] | None = None, next_id: int | None = None):
         """Forward, backward and step; the copy of ``next_batch`` (the next step's) starts
         once this step's forward is queued, so that it overlaps the backward."""
+        self._need_optimizer("train_step")
         self.forward(batch, batch_id)
         if next_batch is not None:
             self.prefetch(next_batch, next_id)
         self.backward()
         return self.step()
 
+    def loop_train_steps(self, batch: Mapping[str, Any], steps: int) -> float:
+        """``steps`` training steps on one batch with no driver in the loop; their wall
+        time in seconds (the control-plane baseline of ``raytp bench``)."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.train_step(batch)
+        return time.perf_counter() - start
+
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if self.optimizer is None:
-            raise RuntimeError("evaluate() before build(): this rank holds no model")
         self.model.eval()
         loss, extras = self._compute_loss(self._copy_now(batch))  # keeps any prefetched batch
         return {"loss": loss.item(), **extras}
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds in parameters, gradients and optimizer state (and, on
+        CUDA, everything the caching allocator has handed out)."""
+        params = list(self.model.parameters())
+        states = self.optimizer.state.values() if self.optimizer is not None else ()
+        out = {"param_bytes": _nbytes(params),
+               "grad_bytes": _nbytes(p.grad for p in params if p.grad is not None),
+               "optimizer_bytes": _nbytes(t for state in states for t in state.values()
+                                          if isinstance(t, torch.Tensor))}
+        if self.mesh.device.type == "cuda":
+            out["allocated_bytes"] = torch.cuda.memory_allocated(self.mesh.device)
+        return out
+
+    def gather(self, name: str) -> torch.Tensor:
+        """The full parameter ``name`` on the CPU (collective over the TP group)."""
+        from raytp.models.hf_export import full_parameter
+
+        params = dict(self.model.named_parameters())
+        if name not in params:
+            raise KeyError(f"no parameter {name!r} in the model; it has {sorted(params)[:8]}...")
+        return full_parameter(params[name], self.mesh).cpu()
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def save_shard(self, directory: str) -> dict[str, Any]:
         """This rank's part of a checkpoint save: its file (DP rank 0 only) and, on rank 0,
         the index's description of the run (see :func:`raytp.checkpoint.save_rank`)."""
-        return save_rank(directory, self.model, self.optimizer, self.mesh, step=self.step_count)
+        with self._named("save"):
+            return save_rank(directory, self.model, self.optimizer, self.mesh, step=self.step_count)
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Load model, optimizer state, step and RNG states from a checkpoint saved at any tp;
         returns ``{"step", "data_position", "extra"}``."""
-        state = load_rank(path, self.model, self.optimizer, self.mesh)
+        with self._named("load"):
+            state = load_rank(path, self.model, self.optimizer, self.mesh)
         self.step_count = state["step"]
         self._loss, self._pending = None, {}
         return state
@@ -289,3 +310,7 @@ class RankEngine:
                  "phase_starts": dict(self._phase_starts)}
         self._last_end, self._phase_starts = end, {}
         return times
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

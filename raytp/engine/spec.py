@@ -1,0 +1,99 @@
+"""What a rank is built from: one frozen, validated record the driver ships to every
+rank (and a ``torchrun`` script passes to :func:`raytp.engine.build_engine`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raytp.nn.tuning import OVERLAP
+from raytp.optim import AdamW
+
+ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
+DEFAULT_OPTIMIZER = AdamW()
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """One rank's model, loss and optimizer, and how they run.
+
+    - ``model``: a raytp model config (it has ``build(mesh, device)``) or a picklable
+      zero-argument callable returning a plain ``nn.Module``, parallelized with ``plan``
+      (see :func:`raytp.parallelize`; None keeps it whole on every rank).
+    - ``loss_fn(model, batch)``: a scalar loss, or ``(loss, extra_metrics)``; None uses
+      the model's ``loss(batch)`` or cross-entropy of ``model(batch["x"])`` against ``y``.
+    - ``optimizer``: an optimizer spec (``raytp.AdamW``, ``raytp.SGD``), or None for an
+      inference-only rank (no optimizer state, no gradients).
+    - ``seed``: torch's seed on every rank before the model is made, so that tp=N holds
+      exactly the shards of tp=1's weights.
+    - ``max_grad_norm``: clip the global gradient norm to it (None: no clipping).
+    - ``overlap``: one of :data:`raytp.nn.tuning.OVERLAP` (None: the device's default).
+    - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
+    """
+
+    model: Any
+    plan: Mapping[str, str] | None = None
+    loss_fn: Callable | None = None
+    optimizer: Any = DEFAULT_OPTIMIZER
+    seed: int = 0
+    max_grad_norm: float | None = None
+    overlap: bool | str | None = None
+    on_nan: str = "raise"
+
+    def __post_init__(self):
+        if self.on_nan not in ON_NAN:
+            raise ValueError(f"on_nan={self.on_nan!r} must be one of {ON_NAN}")
+        if self.overlap not in OVERLAP:
+            raise ValueError(f"overlap={self.overlap!r} must be one of {OVERLAP}")
+        if not (hasattr(self.model, "build") or callable(self.model)):
+            raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
+                            f"got {type(self.model).__name__}")
+        self._check_optimizer()
+        if self.plan is not None and not isinstance(self.plan, Mapping):
+            raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
+                            f"{type(self.plan).__name__}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got "
+                            f"{type(self.loss_fn).__name__}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed={self.seed!r} must be an integer")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive (or None: no clipping)")
+
+    def _check_optimizer(self) -> None:
+        opt = self.optimizer
+        if isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer={opt.__module__}.{opt.__name__} is a torch optimizer class; pass a "
+                            "raytp optimizer spec, e.g. raytp.AdamW(lr=3e-4) or raytp.SGD(lr=0.1), which "
+                            "each rank builds over its own shards")
+        if opt is not None and not callable(getattr(opt, "build", None)):
+            raise TypeError(f"optimizer must be an optimizer spec with build(params) (raytp.AdamW, "
+                            f"raytp.SGD) or None for inference, got {type(opt).__name__}")
+
+    @property
+    def trains(self) -> bool:
+        """Whether the rank gets an optimizer (False: inference-only)."""
+        return self.optimizer is not None
+
+    def check_tp(self, tp: int) -> None:
+        """Refuse, before any rank work, sizes of a raytp config that ``tp`` does not divide."""
+        if hasattr(self.model, "check_tp"):
+            self.model.check_tp(tp)
+
+    def make_module(self, device: torch.device, mesh) -> nn.Module:
+        """The model shard on ``device``: the config's build, or the factory's module
+        parallelized by ``plan`` (torch seeded with ``seed`` first)."""
+        from raytp.parallelize import parallelize
+
+        torch.manual_seed(self.seed)  # the same on every rank: each then keeps its slice
+        if hasattr(self.model, "build"):
+            return self.model.build(mesh, device=device)
+        module = self.model()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"the model factory returned {type(module).__name__}, not an nn.Module")
+        module = module.to(device)
+        return parallelize(module, mesh, self.plan) if self.plan is not None else module
