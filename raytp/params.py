@@ -179,6 +179,27 @@ def materialize_(module: torch.nn.Module, device: torch.device | str) -> torch.n
     return module
 
 
+@torch.no_grad()
+def reset_parameters_(module: torch.nn.Module) -> torch.nn.Module:
+    """Initialize every parameter of ``module``: call ``reset_parameters()`` of each
+    submodule that holds parameters of its own, in module order (the order of the RNG
+    draws, so a seed gives one model). A TP layer draws its full tensors and keeps this
+    rank's slice, so with torch's RNG seeded alike on every rank, tp=N holds tp=1's
+    weights. Raises a ValueError naming a submodule that holds parameters but has no
+    ``reset_parameters``: they would keep uninitialized memory. A module that holds
+    parameters of its own must not call this on itself from its ``reset_parameters``."""
+    for name, sub in module.named_modules():
+        own = [n for n, _ in sub.named_parameters(recurse=False)]
+        if not own:
+            continue
+        reset = getattr(sub, "reset_parameters", None)
+        if not callable(reset):
+            raise ValueError(f"{name or 'the module'} ({type(sub).__name__}) holds parameters {own} "
+                             "but has no reset_parameters() to initialize them")
+        reset()
+    return module
+
+
 def grad_reduce_groups(params: Iterable[torch.Tensor]) -> dict[Communicator, list[torch.Tensor]]:
     """Trainable parameters whose gradients are partial sums, by the group that completes
     them. A rank may have no gradient where another has one (only TP rank 0 adds the

@@ -22,16 +22,14 @@ from torch import nn
 from raytp import validate
 from raytp.mesh import DeviceMesh
 from raytp.nn import (
-    ColumnParallelLinear,
     LayerNorm,
     ParallelAttention,
     ParallelMLP,
     PositionEmbedding,
-    RowParallelLinear,
     VocabParallelEmbedding,
     check_heads,
 )
-from raytp.params import ParamSpec, materialize_, set_spec
+from raytp.params import ParamSpec, materialize_, reset_parameters_, set_spec
 from raytp.placement import Replicate
 from raytp.random import RNGTracker, TPDropout
 
@@ -99,13 +97,22 @@ class BertConfig:
 
 
 class TokenTypeEmbedding(nn.Module):
-    """A small (type_vocab_size, dim) table, replicated. Input (B, T) ids, output (B, T, dim).
-    Collectives: none."""
+    """A small (type_vocab_size, dim) table, replicated, initialized normal(0, ``init_std``).
+    Input (B, T) ids, output (B, T, dim). Collectives: none."""
 
-    def __init__(self, n_types: int, dim: int, *, mesh: DeviceMesh, device=None, dtype=None):
+    def __init__(self, n_types: int, dim: int, *, mesh: DeviceMesh, device=None, dtype=None,
+                 init_std: float = 1.0):
         super().__init__()
+        self.init_std = init_std
         weight = nn.Parameter(torch.empty(n_types, dim, device=device, dtype=dtype))
         self.weight = set_spec(weight, ParamSpec(Replicate(), weight.shape, mesh.tp_size))
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std); replicated, so the full table is this rank's."""
+        nn.init.normal_(self.weight, 0.0, self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -120,9 +127,9 @@ class EncoderLayer(nn.Module):
         c = config
         layer = {"mesh": mesh, "device": device, "dtype": c.torch_dtype}
         self.attn = ParallelAttention(c.d_model, c.n_heads, dropout=c.dropout, rng=rng, causal=False,
-                                      **layer)
+                                      init_std=c.init_std, **layer)
         self.attn_norm = LayerNorm(c.d_model, eps=c.norm_eps, **layer)
-        self.mlp = ParallelMLP(c.d_model, c.d_ff, activation=c.activation, **layer)
+        self.mlp = ParallelMLP(c.d_model, c.d_ff, activation=c.activation, init_std=c.init_std, **layer)
         self.mlp_norm = LayerNorm(c.d_model, eps=c.norm_eps, **layer)
         self.dropout = TPDropout(c.dropout, rng, "replicated")
 
@@ -149,9 +156,10 @@ class Bert(nn.Module):
         drawn = int(torch.randint(0, 2**62, ()).item())
         self.rng = RNGTracker(drawn if dropout_seed is None else dropout_seed, mesh.tp_rank, device)
         c, layer = config, {"mesh": mesh, "device": "meta", "dtype": config.torch_dtype}
-        self.embed = VocabParallelEmbedding(c.vocab_size, c.d_model, **layer)
-        self.pos_embed = PositionEmbedding(c.max_seq_len, c.d_model, **layer)
-        self.type_embed = TokenTypeEmbedding(c.type_vocab_size, c.d_model, **layer)
+        normal = {"init_std": c.init_std, **layer}
+        self.embed = VocabParallelEmbedding(c.vocab_size, c.d_model, **normal)
+        self.pos_embed = PositionEmbedding(c.max_seq_len, c.d_model, **normal)
+        self.type_embed = TokenTypeEmbedding(c.type_vocab_size, c.d_model, **normal)
         self.embed_norm = LayerNorm(c.d_model, eps=c.norm_eps, **layer)
         self.embed_dropout = TPDropout(c.dropout, self.rng, "replicated")
         self.layers = nn.ModuleList(EncoderLayer(c, mesh, self.rng, "meta") for _ in range(c.n_layers))
@@ -159,24 +167,10 @@ class Bert(nn.Module):
         if init:
             self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """BERT's initialization, one full tensor at a time in module order, then each slice."""
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                weight = self._normal((module.out_features, module.in_features))
-                bias = None if module.bias is None else torch.zeros_like(weight[:, 0])
-                module.load_full_(weight, bias)
-            elif isinstance(module, VocabParallelEmbedding):
-                module.load_full_(self._normal((module.num_embeddings, module.embedding_dim)))
-            elif isinstance(module, (PositionEmbedding, TokenTypeEmbedding)):
-                module.weight.copy_(self._normal(module.weight.shape))
-            elif isinstance(module, LayerNorm):
-                module.reset_parameters()
-
-    def _normal(self, shape) -> torch.Tensor:
-        like = self.embed.weight
-        return torch.empty(shape, device=like.device, dtype=like.dtype).normal_(0.0, self.config.init_std)
+        """BERT's initialization: each layer draws its full tensors with ``init_std``, in
+        module order, and keeps this rank's slice."""
+        reset_parameters_(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

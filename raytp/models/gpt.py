@@ -22,7 +22,6 @@ from raytp.mesh import DeviceMesh
 from raytp.models.config import IGNORE_INDEX, GPTConfig
 from raytp.models.sampling import next_token
 from raytp.nn import (
-    ColumnParallelLinear,
     KVCache,
     LayerNorm,
     ParallelAttention,
@@ -30,16 +29,12 @@ from raytp.nn import (
     ParallelMLP,
     PositionEmbedding,
     RMSNorm,
-    RowParallelLinear,
     VocabParallelEmbedding,
     rope_tables,
     vocab_parallel_cross_entropy,
 )
-from raytp.nn.norm import _ReplicatedNorm
-from raytp.params import materialize_
+from raytp.params import materialize_, reset_parameters_
 from raytp.random import RNGTracker, TPDropout
-
-_RESIDUAL_PROJECTIONS = ("attn.proj", "mlp.fc_out")  # GPT-2 scales their init by 1/sqrt(2 n_layers)
 
 
 def _norm(config: GPTConfig, **layer) -> nn.Module:
@@ -62,11 +57,13 @@ class Block(nn.Module):
         super().__init__()
         c, sp = config, config.sequence_parallel
         layer = {"mesh": mesh, "sequence_parallel": sp, "device": device, "dtype": c.torch_dtype}
+        # GPT-2 scales the init of the projections into the residual stream by 1 / sqrt(2 n_layers)
+        stds = {"init_std": c.init_std, "out_init_std": c.init_std / math.sqrt(2 * c.n_layers)}
         self.attn_norm = _norm(c, **layer)
         self.attn = ParallelAttention(c.d_model, c.n_heads, c.n_kv_heads, bias=c.bias,
-                                      dropout=c.dropout, rng=rng, **layer)
+                                      dropout=c.dropout, rng=rng, **stds, **layer)
         self.mlp_norm = _norm(c, **layer)
-        self.mlp = ParallelMLP(c.d_model, c.d_ff, activation=c.activation, bias=c.bias, **layer)
+        self.mlp = ParallelMLP(c.d_model, c.d_ff, activation=c.activation, bias=c.bias, **stds, **layer)
         self.dropout = TPDropout(c.dropout, rng, "sharded" if sp else "replicated")
 
     def forward(self, x: torch.Tensor, rope=None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -125,42 +122,19 @@ class GPT(nn.Module):
     def _build(self, c: GPTConfig, mesh: DeviceMesh) -> None:
         sp = c.sequence_parallel
         layer = {"mesh": mesh, "sequence_parallel": sp, "device": "meta", "dtype": c.torch_dtype}
-        self.embed = VocabParallelEmbedding(c.vocab_size, c.d_model, **layer)
-        self.pos_embed = (PositionEmbedding(c.max_seq_len, c.d_model, **layer)
+        self.embed = VocabParallelEmbedding(c.vocab_size, c.d_model, init_std=c.init_std, **layer)
+        self.pos_embed = (PositionEmbedding(c.max_seq_len, c.d_model, init_std=c.init_std, **layer)
                           if c.positions == "learned" else None)
         self.embed_dropout = TPDropout(c.dropout, self.rng, "sharded" if sp else "replicated")
         self.layers = nn.ModuleList(Block(c, mesh, self.rng, "meta") for _ in range(c.n_layers))
         self.norm = _norm(c, **layer)
         self.lm_head = ParallelLMHead(c.d_model, c.vocab_size, tied_to=self.embed if c.tie_embeddings
-                                      else None, **layer)
+                                      else None, init_std=c.init_std, **layer)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2's initialization, one full tensor at a time in module order, then each
-        rank's slice."""
-        d = self.config.d_model
-        for name, module in self.named_modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                self._init_linear(module, residual=name.endswith(_RESIDUAL_PROJECTIONS))
-            elif isinstance(module, VocabParallelEmbedding):
-                module.load_full_(self._normal((module.num_embeddings, d)))
-            elif isinstance(module, ParallelLMHead) and not module.tied:
-                module.load_full_(self._normal((module.vocab_size, d)))
-            elif isinstance(module, PositionEmbedding):
-                module.weight.copy_(self._normal(module.weight.shape))
-            elif isinstance(module, _ReplicatedNorm):
-                module.reset_parameters()
-
-    def _init_linear(self, module, residual: bool) -> None:
-        std = self.config.init_std / (math.sqrt(2 * self.config.n_layers) if residual else 1.0)
-        weight = self._normal((module.out_features, module.in_features), std)
-        bias = None if module.bias is None else torch.zeros_like(weight[:, 0])
-        module.load_full_(weight, bias)
-
-    def _normal(self, shape, std: float | None = None) -> torch.Tensor:
-        like = self.embed.weight
-        std = self.config.init_std if std is None else std
-        return torch.empty(shape, device=like.device, dtype=like.dtype).normal_(0.0, std)
+        """GPT-2's initialization: each layer draws its full tensors with the std it was
+        built with, in module order, and keeps this rank's slice."""
+        reset_parameters_(self)
 
     def new_kv_cache(self, max_len: int | None = None) -> list[KVCache]:
         """One empty :class:`KVCache` per layer, for up to ``max_len`` positions."""

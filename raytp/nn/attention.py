@@ -41,13 +41,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     with n_kv_heads < tp, key/value head ``r * n_kv_heads // tp``, replicated over
     the tp / n_kv_heads ranks sharing it, whose partial gradients
     :func:`raytp.sync_grads` sums. Output ``(q, k, v)``: (..., n_heads / tp *
-    head_dim) and twice (..., max(n_kv_heads / tp, 1) * head_dim).
+    head_dim) and twice (..., max(n_kv_heads / tp, 1) * head_dim). ``init_std``: see
+    :meth:`ColumnParallelLinear.reset_parameters`.
     Collectives: those of :class:`ColumnParallelLinear`.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
                  mesh: DeviceMesh, head_dim: int | None = None, bias: bool = True,
-                 sequence_parallel: bool = False, device=None, dtype=None):
+                 sequence_parallel: bool = False, device=None, dtype=None,
+                 init_std: float | None = None):
         n_kv_heads = n_kv_heads or n_heads
         tp = mesh.tp_size
         check_heads(n_heads, n_kv_heads, tp)
@@ -61,7 +63,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                   (n_kv_heads * head_dim, kv_shards))
         super().__init__(d_model, (n_heads + 2 * n_kv_heads) * head_dim, mesh=mesh, bias=bias,
                          blocks=blocks, sequence_parallel=sequence_parallel, device=device,
-                         dtype=dtype)
+                         dtype=dtype, init_std=init_std)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
 
     @classmethod
@@ -117,7 +119,9 @@ class ParallelAttention(nn.Module):
     the input's positions (None for no rotation), and a :class:`KVCache` to append
     to and attend over; ``attn_mask`` (B, T_keys), nonzero at the keys that may be
     attended to (padding masked out). Attention-probability dropout draws from ``rng``'s sharded
-    state: each rank holds different heads.
+    state: each rank holds different heads. ``init_std`` initializes ``qkv`` and
+    ``out_init_std`` (default ``init_std``; GPT-2 scales it by 1 / sqrt(2 n_layers)) ``proj``:
+    normal(0, std) weights and zero biases, or ``nn.Linear``'s initialization for None.
     Collectives: forward one all-reduce; backward one all-reduce (under sequence
     parallelism, each an all-gather and a reduce-scatter).
     """
@@ -125,7 +129,8 @@ class ParallelAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
                  mesh: DeviceMesh, bias: bool = True, sequence_parallel: bool = False,
                  dropout: float = 0.0, rng: RNGTracker | None = None, causal: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, init_std: float | None = None,
+                 out_init_std: float | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -136,8 +141,10 @@ class ParallelAttention(nn.Module):
         self.sequence_parallel = sequence_parallel
         factory = {"mesh": mesh, "bias": bias, "sequence_parallel": sequence_parallel,
                    "device": device, "dtype": dtype}
-        self.qkv = QKVParallelLinear(d_model, n_heads, n_kv_heads, **factory)
-        self.proj = RowParallelLinear(n_heads * self.head_dim, d_model, **factory)
+        self.qkv = QKVParallelLinear(d_model, n_heads, n_kv_heads, init_std=init_std, **factory)
+        self.proj = RowParallelLinear(n_heads * self.head_dim, d_model,
+                                      init_std=init_std if out_init_std is None else out_init_std,
+                                      **factory)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,16 +49,17 @@ class VocabParallelEmbedding(nn.Module):
     output (B, T / tp, embedding_dim), split along the sequence.
     Collectives: forward one all-reduce (a reduce-scatter under sequence parallelism);
     backward none (an all-gather of the gradient under sequence parallelism).
+    The full table is initialized normal(0, ``init_std``) (``nn.Embedding``'s for 1.0).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, mesh: DeviceMesh,
                  padding_idx: int | None = None, sequence_parallel: bool = False, device=None,
-                 dtype=None):
+                 dtype=None, init_std: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.sequence_parallel = sequence_parallel
-        self.mesh = mesh
+        self.mesh, self.init_std = mesh, init_std
         self.weight = vocab_param(num_embeddings, embedding_dim, mesh, device, dtype)
         self.rows_per_rank = self.weight.shape[0]
         self.vocab_start = mesh.tp_rank * self.rows_per_rank
@@ -67,10 +68,11 @@ class VocabParallelEmbedding(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """``nn.Embedding``'s N(0, 1) initialization of the full table, then this rank's rows."""
+        """normal(0, init_std) for the full table (the padding row zero), then this rank's
+        rows; the padded rows past the vocabulary are zero."""
         full = torch.empty(self.num_embeddings, self.embedding_dim, device=self.weight.device,
                            dtype=self.weight.dtype)
-        nn.init.normal_(full)
+        nn.init.normal_(full, 0.0, self.init_std)
         if self.padding_idx is not None:
             full[self.padding_idx].zero_()
         self.load_full_(full)
@@ -121,13 +123,13 @@ class PositionEmbedding(nn.Module):
     as (1, length, dim); with ``sequence_parallel``, this rank's chunk of them,
     (1, length / tp, dim), and the gradient of the table, a partial sum over the
     sequence chunks, is summed over the TP group by :func:`raytp.sync_grads`.
-    Collectives: none.
+    Initialized normal(0, ``init_std``). Collectives: none.
     """
 
     def __init__(self, max_len: int, dim: int, *, mesh: DeviceMesh, sequence_parallel: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, init_std: float = 1.0):
         super().__init__()
-        self.mesh, self.sequence_parallel = mesh, sequence_parallel
+        self.mesh, self.sequence_parallel, self.init_std = mesh, sequence_parallel, init_std
         weight = nn.Parameter(torch.empty(max_len, dim, device=device, dtype=dtype))
         grad_reduce = mesh.tp_comm if sequence_parallel else None
         self.weight = set_spec(weight, ParamSpec(Replicate(), weight.shape, mesh.tp_size,
@@ -137,7 +139,8 @@ class PositionEmbedding(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+        """normal(0, init_std); replicated, so the full table is this rank's."""
+        nn.init.normal_(self.weight, 0.0, self.init_std)
 
     def forward(self, start: int, length: int) -> torch.Tensor:
         if start + length > self.weight.shape[0]:

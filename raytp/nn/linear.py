@@ -110,10 +110,16 @@ class _TPLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialization of the full weight, then this rank's part: with
-        the same RNG state on every rank, tp=N holds exactly the shards of tp=1's weights."""
+        """Initialize the full weight and bias, then keep this rank's part: with the same RNG
+        state on every rank, tp=N holds exactly the shards of tp=1's weights. ``init_std``
+        None is ``nn.Linear``'s initialization; a float draws the weight from
+        normal(0, init_std) and zeros the bias (GPT-2's and BERT's)."""
         device, dtype = self.weight.device, self.weight.dtype
         weight = torch.empty(self.out_features, self.in_features, device=device, dtype=dtype)
+        if self.init_std is not None:
+            bias = None if self.bias is None else torch.zeros(self.out_features, device=device, dtype=dtype)
+            self.load_full_(weight.normal_(0.0, self.init_std), bias)
+            return
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         bias = None
         if self.bias is not None:
@@ -189,7 +195,8 @@ class ColumnParallelLinear(_TPLinear):
 
     def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
                  gather_output: bool = False, blocks=None, sequence_parallel: bool = False,
-                 weight_placement=Shard(0), bias_placement=Shard(0), device=None, dtype=None):
+                 weight_placement=Shard(0), bias_placement=Shard(0), device=None, dtype=None,
+                 init_std: float | None = None):
         super().__init__(in_features, out_features, mesh, bias, blocks, sequence_parallel, device, dtype)
         if gather_output and len(self.blocks) > 1:
             raise ValueError("gather_output would interleave fused blocks; gather each block instead")
@@ -203,6 +210,7 @@ class ColumnParallelLinear(_TPLinear):
                            lambda: self.bias_layout, mesh.tp_comm)
         else:
             self.register_parameter("bias", None)
+        self.init_std = init_std
         self._finish_init()
 
     @property
@@ -248,7 +256,7 @@ class RowParallelLinear(_TPLinear):
     def __init__(self, in_features: int, out_features: int, *, mesh: DeviceMesh, bias: bool = True,
                  input_is_parallel: bool = True, reduce_output: bool = True,
                  sequence_parallel: bool = False, weight_placement=Shard(1),
-                 bias_placement=Replicate(), device=None, dtype=None):
+                 bias_placement=Replicate(), device=None, dtype=None, init_std: float | None = None):
         super().__init__(in_features, out_features, mesh, bias, None, sequence_parallel, device, dtype)
         self.input_is_parallel, self.reduce_output = input_is_parallel, reduce_output
         if sequence_parallel and not reduce_output:
@@ -268,6 +276,7 @@ class RowParallelLinear(_TPLinear):
                            mesh.tp_comm if partial else None)
         else:
             self.register_parameter("bias", None)
+        self.init_std = init_std
         self._finish_init()
 
     @property

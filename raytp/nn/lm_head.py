@@ -23,7 +23,8 @@ class ParallelLMHead(nn.Module):
     V_padded / tp): this rank's columns of the logits, the padded ones included (their
     weights are zero rows; :func:`vocab_parallel_cross_entropy` leaves them out).
     ``tied_to`` shares the embedding's Parameter, whose local rows are exactly this
-    head's local rows; no bias.
+    head's local rows, and leaves its initialization to the embedding; no bias. An untied
+    head is initialized normal(0, ``init_std``), or as ``nn.Linear`` for None.
     Collectives: forward none (an all-gather of the input under sequence parallelism);
     backward one all-reduce of the input gradient (a reduce-scatter under sequence
     parallelism).
@@ -31,9 +32,9 @@ class ParallelLMHead(nn.Module):
 
     def __init__(self, embedding_dim: int, vocab_size: int, *, mesh: DeviceMesh,
                  tied_to: VocabParallelEmbedding | None = None, sequence_parallel: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, init_std: float | None = None):
         super().__init__()
-        self.embedding_dim, self.vocab_size = embedding_dim, vocab_size
+        self.embedding_dim, self.vocab_size, self.init_std = embedding_dim, vocab_size, init_std
         self.mesh, self.sequence_parallel = mesh, sequence_parallel
         self.tied = tied_to is not None
         if self.tied:
@@ -50,13 +51,18 @@ class ParallelLMHead(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """``nn.Linear(embedding_dim, vocab_size, bias=False)``'s initialization of the full
-        weight, then this rank's rows. A tied head leaves the embedding's weight alone."""
+        """normal(0, init_std), or ``nn.Linear(embedding_dim, vocab_size, bias=False)``'s
+        initialization for None, of the full weight, then this rank's rows (the padded rows
+        zero). A tied head leaves the embedding's weight alone."""
         if self.tied:
             return
         full = torch.empty(self.vocab_size, self.embedding_dim, device=self.weight.device,
                            dtype=self.weight.dtype)
-        self.load_full_(nn.init.kaiming_uniform_(full, a=math.sqrt(5)))
+        if self.init_std is None:
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+        else:
+            nn.init.normal_(full, 0.0, self.init_std)
+        self.load_full_(full)
 
     @torch.no_grad()
     def load_full_(self, weight: torch.Tensor):
