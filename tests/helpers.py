@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -106,3 +107,23 @@ def check_parity(module, ref, x, *, local_in, local_out, optimizer=None, grad_se
         spec.build(ref.parameters()).step()
         assert_params_match(module, ref, m.tp_rank)
     return fwd.by_kind(), bwd.by_kind()
+
+
+@contextmanager
+def decomposed_symm_mem(comm):
+    """Let ``comm`` (gloo, CPU) run the symmetric-memory path on torch's own decomposed
+    versions of the fused ops (all-gather then GEMM; GEMM then reduce-scatter), the
+    semantics its fused CUDA kernels implement."""
+    from torch.distributed import _symmetric_memory as torch_symm
+
+    from raytp.comm import symm_mem
+
+    decomposed = symm_mem.FusedOps(torch_symm._fused_all_gather_matmul_fallback,
+                                   torch_symm._fused_matmul_reduce_scatter_fallback)
+    saved = symm_mem.ops, symm_mem._local_reason
+    symm_mem.ops, symm_mem._local_reason = (lambda: decomposed), (lambda comm: None)
+    try:
+        yield
+    finally:
+        symm_mem.ops, symm_mem._local_reason = saved
+        comm.symm_mem = False

@@ -48,7 +48,7 @@ def _run(backend, fn, *args):
 
 def _set_overlap(model, overlap):
     """``overlap``: False, True, or "symm_mem" (torch's fused ops, which must run here)."""
-    from raytp.nn.tuning import apply_overlap
+    from raytp.nn.kernels import apply_overlap
 
     assert apply_overlap(model, overlap) is None
 

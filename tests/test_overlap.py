@@ -2,7 +2,7 @@
 parity with nn.Linear on one process (forward, gradients, one AdamW step), and the
 collectives they issue, at tp 1, 2 and 4; the symmetric-memory path and its fallback."""
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from raytp.nn import ColumnParallelLinear, ParallelMLP, RowParallelLinear, set_overlap, use_symm_mem
 
 import _dist
-from helpers import check_parity, chunk, mesh, randn, world
+from helpers import check_parity, chunk, decomposed_symm_mem, mesh, randn, world
 
 WORLDS = [1, 2, 4]
 
@@ -83,26 +83,6 @@ def test_overlap_defaults_off_on_cpu():
     _dist.run(1, _check_default)
 
 
-@contextmanager
-def _decomposed_symm_mem(comm):
-    """Let ``comm`` (gloo, CPU) run the symmetric-memory path on torch's own decomposed
-    versions of the fused ops (all-gather then GEMM; GEMM then reduce-scatter), the
-    semantics its fused CUDA kernels implement."""
-    from torch.distributed import _symmetric_memory as torch_symm
-
-    from raytp.comm import symm_mem
-
-    decomposed = symm_mem.FusedOps(torch_symm._fused_all_gather_matmul_fallback,
-                                   torch_symm._fused_matmul_reduce_scatter_fallback)
-    saved = symm_mem.ops, symm_mem._local_reason
-    symm_mem.ops, symm_mem._local_reason = (lambda: decomposed), (lambda comm: None)
-    try:
-        yield
-    finally:
-        symm_mem.ops, symm_mem._local_reason = saved
-        comm.symm_mem = False
-
-
 def _check_symm_mem_linear(kind, decomposed):
     rank, n = world()
     m = mesh(n)
@@ -116,7 +96,7 @@ def _check_symm_mem_linear(kind, decomposed):
         layer = RowParallelLinear.from_linear(ref, m, sequence_parallel=True)
         local_in, local_out = (lambda x: chunk(x, -1)), (lambda y: chunk(y, 1))
     x = randn(3, 4 * n, ref.in_features, seed=1)
-    with _decomposed_symm_mem(m.tp_comm) if decomposed else nullcontext():
+    with decomposed_symm_mem(m.tp_comm) if decomposed else nullcontext():
         reason = use_symm_mem(layer)
         counts = check_parity(layer, ref, x, local_in=local_in, local_out=local_out)
     return reason, layer.symm_mem, layer.overlap_chunks, counts

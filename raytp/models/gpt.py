@@ -33,6 +33,7 @@ from raytp.nn import (
     rope_tables,
     vocab_parallel_cross_entropy,
 )
+from raytp.nn.kernels import KernelLayer
 from raytp.params import materialize_, reset_parameters_
 from raytp.random import RNGTracker, TPDropout
 
@@ -76,15 +77,22 @@ def sequence_parallel_off(module: nn.Module):
     """Run ``module``'s layers without sequence parallelism inside the block: the same
     math, with all-reduces in place of the reduce-scatter / all-gather pairs. Decoding
     one token at a time cannot split the sequence. A mode, like ``eval()``; gradients
-    of norms computed inside it are whole, not partial, so train outside it."""
+    of norms computed inside it are whole, not partial, so train outside it. The TP
+    linear layers get a kernel of their non-sequence-parallel family (overlapped where
+    theirs was) and their own kernel back after."""
     switched = [m for m in module.modules() if getattr(m, "sequence_parallel", False)]
+    kernels = {m: m.kernel for m in switched if isinstance(m, KernelLayer)}
     for m in switched:
         m.sequence_parallel = False
+    for m, kernel in kernels.items():
+        m.kernel = m.kernel_family.choose(kernel.overlapped)
     try:
         yield
     finally:
         for m in switched:
             m.sequence_parallel = True
+        for m, kernel in kernels.items():
+            m.kernel = kernel
 
 
 class GPT(nn.Module):

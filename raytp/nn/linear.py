@@ -16,6 +16,11 @@ along the sequence (dim 1 of (B, T, H)): the column-parallel layer all-gathers i
 input (reduce-scatter of the gradient) in place of the identity / all-reduce, and
 the row-parallel layer reduce-scatters its output (all-gather of the gradient) in
 place of the all-reduce (Korthikanti et al., 2022).
+
+How a layer runs its GEMM and collectives is one kernel object, ``layer.kernel``
+(:mod:`raytp.nn.kernels`), chosen at construction from the layer's family (its
+constructor arguments) and replaced only by :func:`raytp.nn.set_overlap` and
+:func:`raytp.nn.use_symm_mem`; forward makes one call to it.
 """
 
 from __future__ import annotations
@@ -23,21 +28,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raytp.comm import ops
 from raytp.comm.functional import check_divisible
 from raytp.mesh import DeviceMesh
-from raytp.nn import overlap
+from raytp.nn import kernels
 from raytp.params import ParamSpec, get_spec, materialize_, set_spec
 from raytp.placement import Replicate, Shard, as_placement
 
-SEQ_DIM = 1  # the sequence dim of (B, T, H) activations under sequence parallelism
+SEQ_DIM = kernels.SEQ_DIM  # the sequence dim of (B, T, H) activations under sequence parallelism
 
 
 class _TPLinear(nn.Module):
-    """Parameters, their layout and initialization; subclasses add ``forward``."""
+    """Parameters, their layout and initialization, and the kernel forward calls;
+    subclasses add ``forward`` and their ``kernel_family``."""
 
     shard_dim: int  # the weight dim split over the TP group
 
@@ -46,10 +51,6 @@ class _TPLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.mesh = mesh
         self.sequence_parallel = sequence_parallel
-        # overlap collectives with GEMMs (raytp.nn.overlap): on by default on GPU; see set_overlap
-        self.overlap = mesh.device.type == "cuda"
-        self.overlap_chunks = 1  # sequence-parallel pairs: chunked only when asked (set_overlap)
-        self.symm_mem = False  # sequence-parallel pairs through torch's fused ops (use_symm_mem)
         weight_shape = torch.Size((out_features, in_features))
         name = "out_features" if self.shard_dim == 0 else "in_features"
         self.blocks = _shard_blocks(blocks, weight_shape[self.shard_dim], mesh.tp_size, name)
@@ -88,16 +89,25 @@ class _TPLinear(nn.Module):
         param = nn.Parameter(torch.empty(local_shape, **self.factory))
         self.register_parameter(name, set_spec(param, spec))
 
-    def _sp_kernels(self) -> overlap.Chunked | overlap.SymmMem | None:
-        """How a sequence-parallel all-gather / reduce-scatter overlaps its GEMM; None for
-        the plain path (the collective, then the GEMM)."""
-        if not (self.sequence_parallel and self.overlap):
-            return None
-        if self.symm_mem:
-            return overlap.SymmMem()
-        return overlap.Chunked(self.overlap_chunks) if self.overlap_chunks > 1 else None
+    kernel: kernels.Kernel  # what forward computes with; replaced by set_overlap / use_symm_mem
+    kernel_family: kernels.Family  # the kernels of this layer's math, fixed by the constructor
+
+    # read-only descriptions of the kernel (the kernel is the one setting)
+    @property
+    def overlap(self) -> bool:
+        return self.kernel.overlapped
+
+    @property
+    def overlap_chunks(self) -> int:
+        return self.kernel.chunks
+
+    @property
+    def symm_mem(self) -> bool:
+        return self.kernel.symm_mem
 
     def _finish_init(self):
+        # overlap collectives with GEMMs on by default on GPU, off on CPU (set_overlap)
+        self.kernel = self.kernel_family.choose(self.mesh.device.type == "cuda")
         del self.factory
         if self.weight.device.type != "meta":
             self.reset_parameters()
@@ -217,17 +227,15 @@ class ColumnParallelLinear(_TPLinear):
     def out_features_per_rank(self) -> int:
         return sum(self.local_block_sizes)
 
+    @property
+    def kernel_family(self) -> kernels.Family:
+        return kernels.COLUMN_SP if self.sequence_parallel else kernels.COLUMN
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.mesh.tp_comm
         weight = self._sliced(self.weight, self.weight_layout)
         bias = None if self.bias is None else self._sliced(self.bias, self.bias_layout)
-        if kernels := self._sp_kernels():
-            y = overlap.all_gather_linear(x, weight, bias, tp, kernels)
-        elif self.overlap and not self.sequence_parallel:
-            y = overlap.linear_async_grad(x, weight, bias, tp)
-        else:
-            x = ops.all_gather_seq(x, tp, SEQ_DIM) if self.sequence_parallel else ops.copy_to(x, tp)
-            y = F.linear(x, weight, bias)
+        y = self.kernel(x, weight, bias, tp)
         return ops.gather_from(y, tp, -1) if self.gather_output else y
 
 
@@ -283,26 +291,22 @@ class RowParallelLinear(_TPLinear):
     def in_features_per_rank(self) -> int:
         return self.in_features // self.mesh.tp_size
 
+    @property
+    def kernel_family(self) -> kernels.Family:
+        if self.sequence_parallel:
+            return kernels.ROW_SP
+        return kernels.ROW if self.reduce_output else kernels.ROW_PARTIAL
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.mesh.tp_comm
         if not self.input_is_parallel:
             x = ops.scatter_to(x, tp, -1)
         weight = self._sliced(self.weight, self.weight_layout)
-        if self.sequence_parallel:
-            check_divisible(x.shape[SEQ_DIM], tp.size, "sequence length T (sequence_parallel)")
-        kernels = self._sp_kernels()
-        if kernels:
-            y = overlap.linear_reduce_scatter(x, weight, tp, kernels)
-        else:
-            y = F.linear(x, weight)
-        if not self.reduce_output:
-            return y + self.bias if self.bias is not None and tp.rank == 0 else y
-        if self.sequence_parallel and not kernels:
-            y = ops.reduce_scatter_seq(y, tp, SEQ_DIM)
-        elif not self.sequence_parallel:
-            y = ops.reduce_from(y, tp)
-        if self.bias is None:
-            return y
-        sharded = isinstance(get_spec(self.bias).placement, Shard)
-        return y + (ops.gather_from(self.bias, tp, 0) if sharded else self.bias)
+        return self.kernel(x, weight, self._full_bias(), tp)
+
+    def _full_bias(self) -> torch.Tensor | None:
+        """The (out_features,) bias, all-gathered where it is stored sharded."""
+        if self.bias is None or not isinstance(get_spec(self.bias).placement, Shard):
+            return self.bias
+        return ops.gather_from(self.bias, self.mesh.tp_comm, 0)
 
