@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` to raytp model configs, and back (for export).
 
-Supported families: GPT-2 (``model_type`` "gpt2") and Llama-style decoders ("llama")
-map onto :class:`~raytp.models.GPTConfig`; BERT encoders ("bert") onto
+The supported families are the records of :mod:`raytp.models.families`: GPT-2
+(``model_type`` "gpt2") and Llama-style decoders ("llama") map onto
+:class:`~raytp.models.GPTConfig`; BERT encoders ("bert") onto
 :class:`~raytp.models.bert.BertConfig`. Any other architecture, and any option of a
 supported one that raytp does not compute (rope scaling, an explicit head_dim other
 than hidden_size / heads, ...), is a ValueError naming it.
@@ -13,121 +14,27 @@ from typing import Any
 
 from raytp.models.bert import BertConfig
 from raytp.models.config import GPTConfig
-
-SUPPORTED = {"gpt2": "GPT-2 (GPT2LMHeadModel, GPT2Model)",
-             "llama": "Llama-style decoders (LlamaForCausalLM, LlamaModel)",
-             "bert": "BERT encoders (BertModel)"}
-
-_GELU = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+from raytp.models.families import export_family_of, family_of
 
 
 def model_family(hf: dict[str, Any]) -> str:
-    """``"gpt2"``, ``"llama"`` or ``"bert"``; a ValueError listing the supported ones otherwise."""
-    family = hf.get("model_type")
-    if family not in SUPPORTED:
-        arch = hf.get("architectures")
-        supported = "; ".join(f"{k!r}: {v}" for k, v in SUPPORTED.items())
-        raise ValueError(f"model_type={family!r} (architectures {arch}) is not supported; raytp "
-                         f"loads model_type {supported}")
-    return family
+    """The name of the family of ``hf`` (``"gpt2"``, ``"llama"``, ``"bert"``); a
+    ValueError listing the supported ones otherwise."""
+    return family_of(hf).name
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32", **overrides) -> GPTConfig | BertConfig:
     """The raytp config of a Hugging Face config dict; ``overrides`` replace fields
     (``sequence_parallel=True``, ``dropout=0.1``, ...)."""
-    family = model_family(hf)
-    fields = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}[family](hf)
-    cls = BertConfig if family == "bert" else GPTConfig
-    return cls(**{**fields, "dtype": dtype, **overrides})
-
-
-def _activation(hf: dict, key: str, choices: dict[str, str]) -> str:
-    name = hf.get(key, "gelu")
-    if name not in choices:
-        raise ValueError(f"{key}={name!r} is not supported; raytp computes {sorted(choices)}")
-    return choices[name]
-
-
-def _gpt2(hf: dict) -> dict:
-    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-        raise ValueError("GPT-2 attention must be scaled by 1 / sqrt(head_dim) (scale_attn_weights=True, "
-                         "scale_attn_by_inverse_layer_idx=False)")
-    if hf.get("add_cross_attention"):
-        raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
-    d = hf["n_embd"]
-    return {"vocab_size": hf["vocab_size"], "n_layers": hf["n_layer"], "n_heads": hf["n_head"],
-            "d_model": d, "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf["n_positions"],
-            "norm": "layernorm", "activation": _activation(hf, "activation_function", _GELU),
-            "positions": "learned", "tie_embeddings": hf.get("tie_word_embeddings", True),
-            "bias": True, "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
-
-
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"rope_type={kind!r} (RoPE scaling) is not supported; raytp computes "
-                         "plain RoPE (rope_type 'default')")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _llama(hf: dict) -> dict:
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // heads):
-        raise ValueError(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads = {d} / "
-                         f"{heads}: raytp's attention needs head_dim = d_model / n_heads")
-    _activation(hf, "hidden_act", {"silu": "swiglu"})
-    bias = hf.get("attention_bias", False)
-    if hf.get("mlp_bias", False) != bias:
-        raise ValueError(f"attention_bias={bias} and mlp_bias={hf.get('mlp_bias')} differ; raytp's "
-                         "bias option covers both")
-    return {"vocab_size": hf["vocab_size"], "n_layers": hf["num_hidden_layers"], "n_heads": heads,
-            "n_kv_heads": hf.get("num_key_value_heads") or heads, "d_model": d,
-            "d_ff": hf["intermediate_size"], "max_seq_len": hf["max_position_embeddings"],
-            "norm": "rmsnorm", "activation": "swiglu", "positions": "rope",
-            "tie_embeddings": hf.get("tie_word_embeddings", False), "bias": bias,
-            "rope_theta": _rope_theta(hf), "norm_eps": hf.get("rms_norm_eps", 1e-6)}
-
-
-def _bert(hf: dict) -> dict:
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported "
-                         "(only 'absolute')")
-    return {"vocab_size": hf["vocab_size"], "n_layers": hf["num_hidden_layers"],
-            "n_heads": hf["num_attention_heads"], "d_model": hf["hidden_size"],
-            "d_ff": hf["intermediate_size"], "max_seq_len": hf["max_position_embeddings"],
-            "type_vocab_size": hf.get("type_vocab_size", 2),
-            "activation": _activation(hf, "hidden_act", _GELU), "norm_eps": hf.get("layer_norm_eps", 1e-12)}
+    family = family_of(hf)
+    return family.config_cls(**{**family.config_from_hf(hf), "dtype": dtype, **overrides})
 
 
 def export_family(c: GPTConfig) -> str:
     """``"gpt2"`` or ``"llama"``: the Hugging Face family that computes what ``c`` does."""
-    if (c.norm == "layernorm" and c.positions == "learned" and c.activation in ("gelu", "gelu_tanh")
-            and c.bias and c.tie_embeddings and c.n_kv_heads == c.n_heads):
-        return "gpt2"
-    if (c.norm, c.activation, c.positions) == ("rmsnorm", "swiglu", "rope"):
-        return "llama"
-    raise ValueError(f"GPTConfig(norm={c.norm!r}, activation={c.activation!r}, positions={c.positions!r}, "
-                     f"bias={c.bias}, tie_embeddings={c.tie_embeddings}, n_kv_heads={c.n_kv_heads}) is "
-                     "neither GPT-2 (layernorm, gelu or gelu_tanh, learned positions, biases, tied, "
-                     "n_kv_heads = n_heads) nor Llama (rmsnorm, swiglu, rope)")
+    return export_family_of(c).name
 
 
 def config_to_hf(c: GPTConfig) -> dict[str, Any]:
     """The ``config.json`` of the Hugging Face model equal to ``c``."""
-    if export_family(c) == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-                "n_layer": c.n_layers, "n_head": c.n_heads, "n_embd": c.d_model, "n_inner": c.d_ff,
-                "n_positions": c.max_seq_len, "layer_norm_epsilon": c.norm_eps,
-                "activation_function": "gelu" if c.activation == "gelu" else "gelu_new",
-                "tie_word_embeddings": True, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-                "attn_pdrop": c.dropout, "torch_dtype": c.dtype}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
-            "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
-            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-            "rope_theta": c.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": c.bias, "mlp_bias": c.bias, "tie_word_embeddings": c.tie_embeddings,
-            "attention_dropout": c.dropout, "head_dim": c.head_dim, "torch_dtype": c.dtype}
+    return export_family_of(c).config_to_hf(c)

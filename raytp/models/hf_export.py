@@ -1,7 +1,7 @@
 """Export a sharded raytp GPT to a Hugging Face directory (``config.json`` +
 ``model.safetensors``) that ``transformers``' ``from_pretrained`` reads: GPT-2
 (``GPT2LMHeadModel``) or Llama (``LlamaForCausalLM``), whichever computes what the
-config does.
+config does (the first exported record of :mod:`raytp.models.families` that does).
 
 Every rank gathers each full parameter (one all-gather over the TP group per sharded
 parameter: fine for an export, not for training); TP rank 0 of DP group 0 unpads the
@@ -18,15 +18,10 @@ from torch import nn
 
 from raytp.checkpoint.files import write_json, write_safetensors
 from raytp.comm.functional import all_gather
-from raytp.models.config import GPTConfig
+from raytp.models.families import Export, export_family_of
 from raytp.models.hf import Source, hf_names
-from raytp.models.hf_config import config_to_hf, export_family
 from raytp.params import get_spec
 from raytp.placement import Replicate
-
-_BASE = {"gpt2": "transformer.", "llama": "model."}  # where the base model sits in the *LMHeadModel
-_OUTSIDE = ("lm_head.weight",)  # keys of the LM head, outside the base model
-_VOCAB_ROWS = ("embed.weight", "lm_head.weight")
 
 
 def full_parameter(param: torch.Tensor, mesh) -> torch.Tensor:
@@ -39,9 +34,9 @@ def full_parameter(param: torch.Tensor, mesh) -> torch.Tensor:
     return spec.assemble(list(gathered.chunk(mesh.tp_size, dim)))
 
 
-def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config: GPTConfig):
+def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config, export: Export):
     """The Hugging Face tensors of one raytp parameter: unpadded, un-fused, transposed back."""
-    if name in _VOCAB_ROWS:
+    if name in export.vocab_rows:
         full = full[: config.vocab_size]
     if len(source.keys) == 1:
         return {source.keys[0]: full.T if source.transposed else full}
@@ -55,23 +50,20 @@ def export_hf(model: nn.Module, mesh, directory: str | Path) -> bool:
     Hugging Face checkpoint. Every rank calls it (collectives: an all-gather per sharded
     parameter); TP rank 0 of DP group 0 writes, and returns True (the others False)."""
     config = model.config
-    if not isinstance(config, GPTConfig):
-        raise ValueError(f"export_hf writes GPT-2 or Llama checkpoints; the model's config is a "
-                         f"{type(config).__name__}")
-    family = export_family(config)
-    names = hf_names(family, config)
+    family = export_family_of(config)  # a ValueError, on every rank, before any collective
+    names, export = hf_names(family, config), family.export
     writer = mesh.rank == 0
     tensors = {}
     for name, param in model.named_parameters():
         full = full_parameter(param, mesh)
         if writer:
-            for key, value in _hf_tensors(name, full, names[name], get_spec(param), config).items():
-                prefix = "" if key in _OUTSIDE else _BASE[family]
+            for key, value in _hf_tensors(name, full, names[name], get_spec(param), config, export).items():
+                prefix = "" if key in export.outside else export.base_prefix
                 tensors[prefix + key] = value.contiguous()
     if not writer:
         return False
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", tensors)
-    write_json(directory / "config.json", config_to_hf(config))
+    write_json(directory / "config.json", family.config_to_hf(config))
     return True

@@ -2,13 +2,15 @@
 
 The plan is the one the model ships (``model._tp_plan``, or ``config.base_model_tp_plan``
 under the base model's prefix: Llama and most recent decoders), its styles mapped onto
-raytp's; else raytp's own plan for GPT-2 and BERT. The installed transformers reshapes
+raytp's; else raytp's own plan for the model's family (the ``tp_plan`` of its record in
+:mod:`raytp.models.families`: GPT-2 and BERT). The installed transformers reshapes
 attention with ``view(..., -1, head_dim)``, so column-parallel Q/K/V and a row-parallel
 output projection compute each rank's heads unchanged. Where a module keeps a size
 that sharding changes, it is set to this rank's local value, and said here:
 
 - GPT-2's fused ``c_attn`` splits its output with ``split_size`` (d_model): set to
   d_model / tp. Its ``Conv1D`` layers become ``nn.Linear`` first (weight transposed).
+  Both are steps of GPT-2's record (:data:`raytp.models.families.GPT2`).
 - With fewer key/value heads than ranks, each rank keeps its key/value head whole
   (replicated over the ranks whose query heads use it) and ``num_key_value_groups``
   becomes the rank's query heads per key/value head.
@@ -23,6 +25,8 @@ import logging
 from torch import nn
 
 from raytp.mesh import DeviceMesh
+from raytp.models import families
+from raytp.models.families import TPPlan, family_of_model_type
 from raytp.nn.attention import check_heads
 from raytp.parallelize import Colwise, Rowwise, Vocab, parallelize
 
@@ -38,13 +42,6 @@ HF_STYLES = {
     "sequence_parallel": None, "replicate": None, "replicated_with_grad_allreduce": None,
     "local_params": None, "local": None,
 }
-
-GPT2_PLAN = {"h.*.attn.c_proj": "rowwise", "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"}
-BERT_PLAN = {"encoder.layer.*.attention.self.query": "colwise",
-             "encoder.layer.*.attention.self.key": "colwise",
-             "encoder.layer.*.attention.self.value": "colwise",
-             "encoder.layer.*.attention.output.dense": "rowwise",
-             "encoder.layer.*.intermediate.dense": "colwise", "encoder.layer.*.output.dense": "rowwise"}
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -81,30 +78,15 @@ def raytp_styles(plan: dict[str, str]) -> dict:
     return out
 
 
-def _conv1d_to_linear(model: nn.Module, names: list[str]) -> None:
-    """GPT-2's Conv1D (weight (in, out), ``x @ W + b``) as the equal ``nn.Linear``."""
-    for name in names:
-        conv = model.get_submodule(name)
-        linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], device=conv.weight.device,
-                           dtype=conv.weight.dtype)
-        linear.weight.data.copy_(conv.weight.T)
-        linear.bias.data.copy_(conv.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
-
-
-def _gpt2(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    c, tp, prefix = model.config, mesh.tp_size, _base_prefix(model)
-    check_heads(c.n_head, c.n_head, tp)
-    layers = [f"{prefix}h.{i}" for i in range(c.n_layer)]
-    _conv1d_to_linear(model, [f"{h}.{p}" for h in layers for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                                 "mlp.c_proj")])
-    d = c.n_embd
-    plan = {f"{prefix}{k}": v for k, v in GPT2_PLAN.items()}
-    plan[f"{prefix}h.*.attn.c_attn"] = Colwise(blocks=(d, d, d))  # [Q | K | V], each split by heads
-    parallelize(model, mesh, plan)
-    for h in layers:
-        model.get_submodule(f"{h}.attn").split_size = d // tp  # local width of each of Q, K, V
+def _family_plan(model: nn.Module, mesh: DeviceMesh, plan: TPPlan) -> nn.Module:
+    """Parallelize with raytp's own plan for the model's family (see :class:`TPPlan`)."""
+    c = model.config
+    check_heads(c.num_attention_heads, c.num_attention_heads, mesh.tp_size)
+    prefix = _base_prefix(model)
+    styles = {**plan.styles, **(plan.prepare(model, prefix) if plan.prepare else {})}
+    parallelize(model, mesh, {prefix + k: v for k, v in styles.items()})
+    if plan.localize:
+        plan.localize(model, prefix, mesh.tp_size)
     return model
 
 
@@ -139,11 +121,9 @@ def parallelize_hf(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     plan = shipped_plan(model)
     if plan:
         return parallelize(model, mesh, _fix_kv_heads(model, raytp_styles(plan), mesh))
-    if model_type == "gpt2":
-        return _gpt2(model, mesh)
-    if model_type == "bert":
-        check_heads(config.num_attention_heads, config.num_attention_heads, mesh.tp_size)
-        prefix = _base_prefix(model)
-        return parallelize(model, mesh, {prefix + k: v for k, v in BERT_PLAN.items()})
+    family = family_of_model_type(model_type)
+    if family is not None and family.tp_plan is not None:
+        return _family_plan(model, mesh, family.tp_plan)
+    covered = " and ".join(repr(t) for f in families.FAMILIES if f.tp_plan for t in f.model_types)
     raise ValueError(f"{type(model).__name__} (model_type={model_type!r}) ships no TP plan and raytp has "
-                     "none for it: pass plan={pattern: style}; raytp's own plans cover 'gpt2' and 'bert'")
+                     f"none for it: pass plan={{pattern: style}}; raytp's own plans cover {covered}")
