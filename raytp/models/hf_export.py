@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raytp import dtensor
 from raytp.checkpoint.files import write_json, write_safetensors
-from raytp.comm.functional import all_gather
 from raytp.models.config import GPTConfig
 from raytp.models.hf import Source, hf_names
 from raytp.models.hf_config import config_to_hf, export_family
 from raytp.params import get_spec
-from raytp.placement import Replicate
 
 _BASE = {"gpt2": "transformer.", "llama": "model."}  # where the base model sits in the *LMHeadModel
 _OUTSIDE = ("lm_head.weight",)  # keys of the LM head, outside the base model
@@ -31,12 +30,7 @@ _VOCAB_ROWS = ("embed.weight", "lm_head.weight")
 
 def full_parameter(param: torch.Tensor, mesh) -> torch.Tensor:
     """The whole parameter on every rank of the TP group (an all-gather when sharded)."""
-    spec = get_spec(param)
-    if spec is None or isinstance(spec.placement, Replicate) or mesh.tp_size == 1:
-        return param.detach()
-    dim = spec.placement.dim
-    gathered = all_gather(param.detach(), mesh.tp_comm, dim)
-    return spec.assemble(list(gathered.chunk(mesh.tp_size, dim)))
+    return dtensor.of(param, mesh).full().detach()
 
 
 def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config: GPTConfig):
