@@ -87,17 +87,6 @@ class DTensor:
         return self.local.dtype
 
     @classmethod
-    def from_local(cls, local: torch.Tensor, mesh: DeviceMesh, placements,
-                   global_shape=None) -> DTensor:
-        """Wrap this rank's part. Without ``global_shape``, shards are taken to be equal."""
-        placement = as_placement(placements)
-        if global_shape is None:
-            global_shape = list(local.shape)
-            if isinstance(placement, Shard):
-                global_shape[placement.dim] *= mesh.tp_size
-        return cls(local, mesh, placement, torch.Size(global_shape))
-
-    @classmethod
     def from_full(cls, full: torch.Tensor | None, mesh: DeviceMesh, placements,
                   src: int = 0) -> DTensor:
         """Distribute ``full``, which lives on TP rank ``src`` only (other ranks pass ``None``).
