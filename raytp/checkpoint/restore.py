@@ -116,8 +116,8 @@ def check_model(index: dict[str, Any], model: nn.Module) -> None:
 @torch.no_grad()
 def load_params_(shards: SavedShards, model: nn.Module, mesh: DeviceMesh) -> None:
     """Copy into each parameter (through its DTensor view) its part of the saved one."""
-    for name, param in named_dtensors(model, mesh):
-        param.local.copy_(_read_like(shards, f"model/{name}", shards.index["params"][name], param))
+    for name, view in named_dtensors(model, mesh):
+        view.local.copy_(_read_like(shards, f"model/{name}", shards.index["params"][name], view))
 
 
 def load_optimizer_(shards: SavedShards, model: nn.Module, optimizer, mesh: DeviceMesh) -> None:
