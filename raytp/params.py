@@ -1,7 +1,8 @@
 """How each parameter of a TP module is laid out, and what its gradient needs.
 
 A TP layer attaches a :class:`ParamSpec` to each of its parameters. The spec says
-which part of the full parameter this rank holds (``blocks``), over which group
+which part of the full parameter each rank holds (its :class:`~raytp.placement.Layout`,
+through which :func:`raytp.dtensor.of` views the parameter as a ``DTensor``), over which group
 the gradient must be summed before the optimizer step (``grad_reduce``), and how
 many ranks of the TP group hold each element (for the global gradient norm).
 """
@@ -14,54 +15,31 @@ from dataclasses import dataclass
 import torch
 
 from raytp.comm.backend import Communicator
-from raytp.comm.functional import check_divisible
-from raytp.placement import Placement, Replicate, Shard
+from raytp.placement import Layout, Replicate, Shard
 
 _ATTR = "_raytp_spec"
 
 
 @dataclass(frozen=True)
-class ParamSpec:
-    """Layout of one parameter over the TP group.
-
-    ``placement`` is ``Shard(dim)`` or ``Replicate()``. A sharded parameter may be
-    a concatenation along ``dim`` of ``blocks``, each ``(size, n_shards)``: the
-    block is cut into ``n_shards`` equal chunks and TP rank ``r`` holds chunk
-    ``r * n_shards // tp``, so ``n_shards < tp`` replicates the block over
-    ``tp // n_shards`` ranks (key/value heads when ``n_kv_heads < tp``).
+class ParamSpec(Layout):
+    """Layout of one parameter over the TP group (a :class:`~raytp.placement.Layout`:
+    placement, global shape, blocks), and what its gradient needs.
 
     ``grad_reduce``, when set, means: each rank's gradient is a partial sum, to be
     summed over the ranks that hold the same element. For a ``Replicate()``
     parameter that is the whole group ``grad_reduce``; for a sharded one it is the
     ranks sharing each replicated block (then ``grad_reduce`` must be the TP group).
+    :func:`raytp.dtensor.of` views a parameter with its spec as a ``DTensor``.
     """
 
-    placement: Placement
-    global_shape: torch.Size
-    tp_size: int
-    blocks: tuple[tuple[int, int], ...] = ()
     grad_reduce: Communicator | None = None
 
     def __post_init__(self):
-        if isinstance(self.placement, Shard) and not self.blocks:
-            dim = self.placement.dim
-            object.__setattr__(self, "blocks", ((self.global_shape[dim], self.tp_size),))
-        for size, n_shards in self.blocks:
-            if self.tp_size % n_shards:
-                raise ValueError(f"a block sharded {n_shards} ways cannot map onto tp={self.tp_size}")
-            check_divisible(size, n_shards, "block size")
+        super().__post_init__()
         if (isinstance(self.placement, Shard) and self.grad_reduce is not None
                 and self.grad_reduce.size != self.tp_size):
             raise ValueError(f"a sharded parameter's grad_reduce must be its TP group of "
                              f"{self.tp_size} ranks, not {self.grad_reduce!r}")
-
-    def local_blocks(self) -> list[tuple[int, int]]:
-        """``(local_size, replicas)`` of each block along the shard dim, in order."""
-        return [(size // n, self.tp_size // n) for size, n in self.blocks]
-
-    def has_replicated_blocks(self) -> bool:
-        """Whether some block of this sharded parameter is held by more than one rank."""
-        return isinstance(self.placement, Shard) and any(n < self.tp_size for _, n in self.blocks)
 
     def _replicated_parts(self, local: torch.Tensor, tp_rank: int):
         """``(local part, size, chunk index)`` of each replicated block, in order."""
@@ -95,43 +73,6 @@ class ParamSpec:
             chunk = part.shape[dim]
             part.copy_(buffer.narrow(dim, start + index * chunk, chunk))
             start += size
-
-    def local_ranges(self, tp_rank: int) -> list[tuple[int, int]]:
-        """``(start, stop)`` along the shard dim of the full parameter of each part that
-        ``tp_rank`` holds, in the order of its local tensor (one per block)."""
-        ranges, start = [], 0
-        for size, n_shards in self.blocks:
-            chunk = size // n_shards
-            index = tp_rank * n_shards // self.tp_size
-            ranges.append((start + index * chunk, start + (index + 1) * chunk))
-            start += size
-        return ranges
-
-    def saved_parts(self) -> list[tuple[int, int, int]]:
-        """Where each part of the full parameter lies in the local tensors of the tp ranks:
-        ``(tp_rank, local_start, length)`` along the shard dim, in the order of the full
-        tensor. A chunk held by several ranks is taken from the first of them."""
-        parts, local_start = [], 0
-        for (_, n_shards), (local_size, replicas) in zip(self.blocks, self.local_blocks(), strict=True):
-            parts += [(k * replicas, local_start, local_size) for k in range(n_shards)]
-            local_start += local_size
-        return parts
-
-    def shard(self, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
-        """This rank's part of the full parameter (a contiguous copy)."""
-        if isinstance(self.placement, Replicate):
-            return full.detach().clone()
-        dim = self.placement.dim
-        parts = [full.narrow(dim, start, stop - start) for start, stop in self.local_ranges(tp_rank)]
-        return torch.cat(parts, dim).contiguous()
-
-    def assemble(self, local_tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The full parameter from every tp rank's local tensor (the inverse of :meth:`shard`)."""
-        if isinstance(self.placement, Replicate):
-            return local_tensors[0]
-        dim = self.placement.dim
-        return torch.cat([local_tensors[rank].narrow(dim, start, length)
-                          for rank, start, length in self.saved_parts()], dim)
 
 
 def set_spec(param: torch.Tensor, spec: ParamSpec) -> torch.Tensor:

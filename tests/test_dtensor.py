@@ -61,12 +61,12 @@ def test_from_full_from_another_rank_under_dp(placement):
 
 def _make(placement, full, m, rank, n):
     if isinstance(placement, Shard):
-        return DTensor.from_local(full.chunk(n, placement.dim)[rank].clone(), m, placement)
+        return DTensor(full.chunk(n, placement.dim)[rank].clone(), m, placement, full.shape)
     if isinstance(placement, Replicate):
-        return DTensor.from_local(full.clone(), m, placement)
+        return DTensor(full.clone(), m, placement, full.shape)
     # a Partial tensor whose parts differ per rank but sum to full
     part = full * (rank + 1) / (n * (n + 1) / 2)
-    return DTensor.from_local(part, m, placement, full.shape)
+    return DTensor(part, m, placement, full.shape)
 
 
 TRANSITIONS = [

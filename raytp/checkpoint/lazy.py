@@ -6,7 +6,7 @@ pieces: a Hugging Face tensor (maybe transposed, as GPT-2's Conv1D weights), sev
 of them fused (Q, K and V; gate and up), the local tensors of the ranks of a saved
 run (resharding), or zero rows (a vocabulary padded to a multiple of tp).
 :func:`read_local` reads this rank's part of it under the parameter's
-:class:`~raytp.params.ParamSpec`, slice by slice.
+:class:`~raytp.placement.Layout` (its DTensor's, or its ParamSpec), slice by slice.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from raytp.checkpoint.files import CheckpointError, SafetensorsFiles
-from raytp.params import ParamSpec
-from raytp.placement import Replicate
+from raytp.placement import Layout, Shard
 
 Reader = Callable[[int, int], torch.Tensor]  # (start, stop) along the dim -> that part
 
@@ -87,21 +86,21 @@ class LazyTensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
 
 
-def read_local(full: LazyTensor, spec: ParamSpec | None, tp_rank: int) -> torch.Tensor:
-    """This rank's part of ``full`` under ``spec`` (all of it when replicated): only the
-    ranges the rank holds are read."""
-    if spec is not None and tuple(spec.global_shape) != full.shape:
+def read_local(full: LazyTensor, layout: Layout | None, tp_rank: int) -> torch.Tensor:
+    """Rank ``tp_rank``'s part of ``full`` under ``layout`` (all of it when replicated, or
+    when ``layout`` is None): only the ranges the rank holds are read."""
+    if layout is not None and tuple(layout.global_shape) != full.shape:
         raise CheckpointError(f"the checkpoint's tensor has shape {full.shape}; the parameter's "
-                              f"global shape is {tuple(spec.global_shape)}")
-    if spec is None or isinstance(spec.placement, Replicate):
+                              f"global shape is {tuple(layout.global_shape)}")
+    if layout is None or not isinstance(layout.placement, Shard):
         return full.read(0, full.shape[full.dim])
-    if spec.placement.dim != full.dim:
+    if layout.placement.dim != full.dim:
         raise CheckpointError(f"a tensor assembled along dim {full.dim} cannot be read for a "
-                              f"parameter sharded on dim {spec.placement.dim}")
-    parts = [full.read(start, stop) for start, stop in spec.local_ranges(tp_rank)]
+                              f"parameter sharded on dim {layout.placement.dim}")
+    parts = [full.read(start, stop) for start, stop in layout.local_ranges(tp_rank)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, full.dim)
 
 
-def shard_dim(spec: ParamSpec | None) -> int:
+def shard_dim(layout: Layout | None) -> int:
     """The dim a parameter is sharded on (0 for a replicated one: any dim would do)."""
-    return 0 if spec is None or isinstance(spec.placement, Replicate) else spec.placement.dim
+    return layout.placement.dim if layout is not None and isinstance(layout.placement, Shard) else 0

@@ -1,5 +1,6 @@
 """Loading a sharded checkpoint into a model of any tp: each rank reads, from the saved
-rank files, only the slices its own :class:`~raytp.params.ParamSpec` needs."""
+rank files, only the slices of its own parameters, each viewed as a DTensor
+(:func:`raytp.dtensor.of`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import nn
 
 from raytp.checkpoint.files import CheckpointError, SafetensorsFiles, verify_file
 from raytp.checkpoint.lazy import LazyTensor, Piece, file_piece, read_local, shard_dim
-from raytp.checkpoint.sharded import _config_json, _named_optimizer_params, shard_file, spec_from_json
-from raytp.params import get_spec
+from raytp.checkpoint.sharded import _config_json, _named_optimizer_params, layout_from_json, shard_file
+from raytp.dtensor import DTensor, named_dtensors, of
+from raytp.mesh import DeviceMesh
 from raytp.placement import Replicate
 
 _MAY_DIFFER = ("sequence_parallel", "dropout", "dtype")  # config fields a checkpoint may load across
@@ -52,7 +54,7 @@ def saved_tensor(shards: SavedShards, record: dict[str, Any], key: str, shape: t
     """The full tensor ``key``, saved with ``record``'s layout, as a :class:`LazyTensor` of
     ``shape`` along ``dim``. Saved rows past ``shape`` (a vocabulary padded for another
     tp) must be zeros; rows past the saved ones are zeros."""
-    saved = spec_from_json(record, shards.index["tp"])
+    saved = layout_from_json(record, shards.index["tp"])
     if isinstance(saved.placement, Replicate):
         pieces = [file_piece(shards.rank(0), key, dim)]
     elif saved.placement.dim != dim:
@@ -60,7 +62,7 @@ def saved_tensor(shards: SavedShards, record: dict[str, Any], key: str, shape: t
                               f"sharded on dim {dim}")
     else:
         pieces = [file_piece(shards.rank(r), key, dim, start=start, length=length)
-                  for r, start, length in saved.saved_parts()]
+                  for r, start, length in saved.full_parts()]
     excess = int(saved.global_shape[dim]) - shape[dim]
     if excess > 0:
         full = LazyTensor(tuple(saved.global_shape), dim, pieces, dtype)
@@ -81,14 +83,13 @@ def _truncate(pieces: list[Piece], length: int) -> list[Piece]:
     return kept
 
 
-def _read_like(shards: SavedShards, key: str, record: dict[str, Any], param: torch.Tensor,
-               tp_rank: int) -> torch.Tensor:
-    """This rank's part, under ``param``'s spec, of the saved tensor ``key``."""
-    spec = get_spec(param)
-    dim = shard_dim(spec)
-    shape = tuple(spec.global_shape) if spec is not None else tuple(param.shape)
+def _read_like(shards: SavedShards, key: str, record: dict[str, Any], target: DTensor) -> torch.Tensor:
+    """This rank's part, under ``target``'s layout, of the saved tensor ``key``."""
+    layout = target.layout
+    dim = shard_dim(layout)
     try:
-        return read_local(saved_tensor(shards, record, key, shape, dim, param.dtype), spec, tp_rank)
+        full = saved_tensor(shards, record, key, tuple(layout.global_shape), dim, target.dtype)
+        return read_local(full, layout, target.mesh.tp_rank)
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from None
 
@@ -113,12 +114,13 @@ def check_model(index: dict[str, Any], model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_params_(shards: SavedShards, model: nn.Module, tp_rank: int) -> None:
-    for name, param in model.named_parameters():
-        param.copy_(_read_like(shards, f"model/{name}", shards.index["params"][name], param, tp_rank))
+def load_params_(shards: SavedShards, model: nn.Module, mesh: DeviceMesh) -> None:
+    """Copy into each parameter (through its DTensor view) its part of the saved one."""
+    for name, view in named_dtensors(model, mesh):
+        view.local.copy_(_read_like(shards, f"model/{name}", shards.index["params"][name], view))
 
 
-def load_optimizer_(shards: SavedShards, model: nn.Module, optimizer, tp_rank: int) -> None:
+def load_optimizer_(shards: SavedShards, model: nn.Module, optimizer, mesh: DeviceMesh) -> None:
     """Reshard the saved optimizer state onto this rank's parameters (state tensors of a
     parameter's shape take its layout; scalars come from rank 0's file) and restore the
     param groups' hyperparameters."""
@@ -133,7 +135,7 @@ def load_optimizer_(shards: SavedShards, model: nn.Module, optimizer, tp_rank: i
         entries = {}
         for key, layout in saved["state"].get(name, {}).items():
             full_key = f"optim/{name}/{key}"
-            value = (_read_like(shards, full_key, shards.index["params"][name], p, tp_rank)
+            value = (_read_like(shards, full_key, shards.index["params"][name], of(p, mesh))
                      if layout == "param" else shards.rank(0).tensor(full_key))
             entries[key] = value.clone()  # safetensors may hand out views of the file's mapping
         if entries:

@@ -11,12 +11,12 @@ Each file holds one TP rank's local tensors: ``model/{param}``, the optimizer st
 scalars such as ``step`` are the same on every rank) and the RNG states
 ``rng/{name}``. Only DP rank 0 of each shard writes; the other DP ranks hold the same.
 The index records the tp and dp sizes, each parameter's global shape, placement,
-blocks and dtype (its :class:`~raytp.params.ParamSpec`), the optimizer's param groups,
+blocks and dtype (its :class:`~raytp.DTensor`, :func:`raytp.dtensor.of`), the optimizer's param groups,
 the model config, the step, the data position, the user's extra state, and the
 sha256 and size of every file, verified when a file is opened for loading.
 
 Loading reshards: each rank reads, from the saved files, only the slices its own
-spec needs (:mod:`raytp.checkpoint.lazy`), whatever tp saved them.
+parameters' layout needs (:mod:`raytp.checkpoint.lazy`), whatever tp saved them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from raytp.checkpoint.files import (
     write_json,
     write_safetensors,
 )
-from raytp.params import ParamSpec, get_spec
-from raytp.placement import Replicate, Shard
+from raytp.dtensor import DTensor, named_dtensors
+from raytp.placement import Layout, Replicate, Shard
 
 FORMAT, VERSION = "raytp-checkpoint", 1
 INDEX_NAME = "checkpoint.json"
@@ -48,22 +48,25 @@ def shard_file(tp_rank: int, tp_size: int) -> str:
     return f"rank-{tp_rank:05d}-of-{tp_size:05d}.safetensors"
 
 
-def spec_json(param: torch.Tensor) -> dict[str, Any]:
-    """The layout of ``param`` as the index records it."""
-    spec = get_spec(param)
-    record: dict[str, Any] = {"dtype": str(param.dtype).removeprefix("torch.")}
-    if spec is None or isinstance(spec.placement, Replicate):
-        return {**record, "placement": "replicate", "global_shape": list(param.shape)}
-    return {**record, "placement": "shard", "dim": spec.placement.dim,
-            "global_shape": list(spec.global_shape), "blocks": [list(b) for b in spec.blocks]}
+def layout_json(tensor: DTensor) -> dict[str, Any]:
+    """The layout of a parameter (viewed as a DTensor) as the index records it."""
+    record: dict[str, Any] = {"dtype": str(tensor.dtype).removeprefix("torch."),
+                              "global_shape": list(tensor.global_shape)}
+    if isinstance(tensor.placement, Replicate):
+        return {**record, "placement": "replicate"}
+    if not isinstance(tensor.placement, Shard):
+        raise CheckpointError(f"a {tensor.placement} parameter cannot be saved: reduce it first")
+    return {**record, "placement": "shard", "dim": tensor.placement.dim,
+            "blocks": [list(b) for b in tensor.blocks]}
 
 
-def spec_from_json(record: dict[str, Any], tp_size: int) -> ParamSpec:
+def layout_from_json(record: dict[str, Any], tp_size: int) -> Layout:
+    """The layout over the saving run's ``tp_size`` ranks that :func:`layout_json` recorded."""
     shape = torch.Size(record["global_shape"])
     if record["placement"] == "replicate":
-        return ParamSpec(Replicate(), shape, tp_size)
+        return Layout(Replicate(), shape, tp_size)
     blocks = tuple(tuple(b) for b in record["blocks"])
-    return ParamSpec(Shard(record["dim"]), shape, tp_size, blocks)
+    return Layout(Shard(record["dim"]), shape, tp_size, blocks)
 
 
 def _config_json(model: nn.Module) -> dict[str, Any] | None:
@@ -106,7 +109,7 @@ def describe(model: nn.Module, optimizer, mesh) -> dict[str, Any]:
     """The index's description of the run (no file records, step or data position yet)."""
     return {"format": FORMAT, "version": VERSION, "tp": mesh.tp_size, "dp": mesh.dp_size,
             "model_config": _config_json(model),
-            "params": {name: spec_json(p) for name, p in model.named_parameters()},
+            "params": {name: layout_json(t) for name, t in named_dtensors(model, mesh)},
             "optimizer": _optimizer_json(model, optimizer)}
 
 

@@ -49,9 +49,9 @@ def load_rank(path: str | Path, model: nn.Module, optimizer, mesh: DeviceMesh) -
     index = read_index(Path(path))
     check_model(index, model)
     with SavedShards(Path(path), index) as shards:
-        load_params_(shards, model, mesh.tp_rank)
+        load_params_(shards, model, mesh)
         if optimizer is not None:
-            load_optimizer_(shards, model, optimizer, mesh.tp_rank)
+            load_optimizer_(shards, model, optimizer, mesh)
         rng, own = read_rng(shards, mesh.tp_rank, mesh.tp_size)
     set_rng_state(rng, _tracker(model), mesh.device, same_tp_rank=own)
     log.info("loaded %s (saved at tp=%d) at tp rank %d/%d", path, index["tp"], mesh.tp_rank, mesh.tp_size)

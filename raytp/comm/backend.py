@@ -53,9 +53,9 @@ class Communicator(ABC):
             "reduce_scatter", tensor, lambda: self._reduce_scatter(out, tensor, async_op), async_op
         )
 
-    def all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False):
+    def all_to_all(self, out: torch.Tensor, tensor: torch.Tensor):
         """Chunk k of ``tensor`` along dim 0 goes to rank k; ``out``'s chunk k comes from rank k."""
-        return self._issue("all_to_all", tensor, lambda: self._all_to_all(out, tensor, async_op), async_op)
+        return self._issue("all_to_all", tensor, lambda: self._all_to_all(out, tensor), False)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0):
         """Copy ``tensor`` from group rank ``src`` to every rank, in place."""
@@ -138,7 +138,7 @@ class Communicator(ABC):
     def _reduce_scatter(self, out, tensor, async_op): ...
 
     @abstractmethod
-    def _all_to_all(self, out, tensor, async_op): ...
+    def _all_to_all(self, out, tensor): ...
 
     @abstractmethod
     def _broadcast(self, tensor, src): ...
@@ -222,8 +222,8 @@ class TorchCommunicator(Communicator):
         out.copy_(summed.chunk(self.size)[self.rank])
         return _Done() if async_op else None
 
-    def _all_to_all(self, out, tensor, async_op):
-        return dist.all_to_all_single(out, tensor, group=self.group, async_op=async_op)
+    def _all_to_all(self, out, tensor):
+        dist.all_to_all_single(out, tensor, group=self.group)
 
     def _broadcast(self, tensor, src):
         dist.broadcast(tensor, src=self.global_ranks[src], group=self.group)

@@ -103,7 +103,7 @@ class CupyNcclCommunicator(Communicator):
             lambda s: self.comm.reduceScatter(tensor.data_ptr(), out.data_ptr(), n, dt, total, s),
             [out, tensor], async_op)
 
-    def _all_to_all(self, out, tensor, async_op):
+    def _all_to_all(self, out, tensor):
         n, dt = tensor.numel() // self.size, self._dtype(tensor)
         step = n * tensor.element_size()
 
@@ -114,7 +114,7 @@ class CupyNcclCommunicator(Communicator):
                 self.comm.recv(out.data_ptr() + peer * step, n, dt, peer, s)
             self.nccl.groupEnd()
 
-        return self._run(launch, [out, tensor], async_op)
+        return self._run(launch, [out, tensor], False)
 
     def _broadcast(self, tensor, src):
         ptr, n, dt = tensor.data_ptr(), tensor.numel(), self._dtype(tensor)

@@ -16,22 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raytp import dtensor
 from raytp.checkpoint.files import write_json, write_safetensors
-from raytp.comm.functional import all_gather
 from raytp.models.families import Export, export_family_of
 from raytp.models.hf import Source, hf_names
 from raytp.params import get_spec
-from raytp.placement import Replicate
 
 
 def full_parameter(param: torch.Tensor, mesh) -> torch.Tensor:
     """The whole parameter on every rank of the TP group (an all-gather when sharded)."""
-    spec = get_spec(param)
-    if spec is None or isinstance(spec.placement, Replicate) or mesh.tp_size == 1:
-        return param.detach()
-    dim = spec.placement.dim
-    gathered = all_gather(param.detach(), mesh.tp_comm, dim)
-    return spec.assemble(list(gathered.chunk(mesh.tp_size, dim)))
+    return dtensor.of(param, mesh).full().detach()
 
 
 def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config, export: Export):
