@@ -13,6 +13,7 @@ import ray
 
 from actors.telemetry import record_stragglers
 from raytp import validate
+from raytp.comm.backends import get_backend
 from raytp.driver import checkpointing, launch, recovery
 from raytp.driver.errors import RECOVERABLE, RankDied, RankError
 from raytp.driver.health import HealthMonitor
@@ -27,7 +28,6 @@ from raytp.optim import AdamW
 log = logging.getLogger(__name__)
 
 _open: weakref.WeakSet = weakref.WeakSet()
-BACKENDS = ("auto", "torch", "cupy-nccl")
 
 
 class TPCluster:
@@ -36,10 +36,12 @@ class TPCluster:
 
     Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
     process is in) or starts an embedded local one. Raises a clear error within
-    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` is "torch"
-    (torch.distributed: NCCL on GPUs, gloo on CPU; the default) or "cupy-nccl" (NCCL
-    communicators made through CuPy from unique ids the driver hands out; needs the
-    ``cuda12``/``cuda13`` extra). Use it as a context manager, or call :meth:`close`.
+    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` names a
+    registered collective backend (:mod:`raytp.comm.backends`): "torch"
+    (torch.distributed: NCCL on GPUs, gloo on CPU; the default, also "auto"), "cupy-nccl"
+    (NCCL communicators made through CuPy from unique ids the driver hands out; needs
+    the ``cuda12``/``cuda13`` extra), or one added by :func:`raytp.comm.register_backend`.
+    Use it as a context manager, or call :meth:`close`.
     """
 
     _batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
@@ -51,10 +53,8 @@ class TPCluster:
         for name, value in (("tp", tp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
-        if backend == "cupy-nccl" and device == "cpu":
-            raise ValueError("backend='cupy-nccl' is NCCL: it needs device='cuda' (or 'auto' on GPUs)")
+        chosen = get_backend(backend)  # by name: raytp.comm.register_backend adds one
+        chosen.check(device)
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
         self.timeout_s, self.phase_timeout_s = timeout_s, phase_timeout_s
         self.recovery = RecoveryPolicy(max_failures, checkpoint_dir, checkpoint_every)
@@ -76,9 +76,9 @@ class TPCluster:
         _open.add(self)
         try:
             self.device = launch.resolve_device(device, self.world_size)
-            if backend == "cupy-nccl" and self.device != "cuda":
-                raise ValueError("backend='cupy-nccl' needs GPUs; the cluster has too few")
-            self.backend = "torch" if backend == "auto" else backend
+            if self.device != device:  # what 'auto' chose
+                chosen.check(self.device)
+            self.backend = chosen.name if backend == "auto" else backend
             self._start()
         except BaseException:
             self.close()
@@ -90,8 +90,7 @@ class TPCluster:
         self._pg = launch.reserve(self.tp, self.dp, self.device, self.timeout_s)
         self.actors, self.nodes = launch.start_actors(self._pg, self.tp, self.dp, self.device,
                                                       self._log_level, self.timeout_s)
-        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
-                          self.timeout_s, self.backend)
+        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.timeout_s, self.backend)
         self._health = HealthMonitor(self.actors, lambda: self._last_phase)
 
     # -- building -------------------------------------------------------------------
