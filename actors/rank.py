@@ -7,7 +7,6 @@ lives here."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import raytp
 from actors.telemetry import RankTelemetry
 from raytp import tracing
+from raytp.comm.backends import Backend
 from raytp.engine import BuildSpec, RankEngine, build_engine, describe
 
 log = logging.getLogger("raytp.rank")
@@ -104,40 +104,22 @@ class RankActor:
             "hostname": socket.gethostname(),
         }
 
-    def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def rendezvous_info(self, backend: Backend, key) -> Any:
+        """What this rank, the leader of ``key`` in ``backend``'s rendezvous, makes for it
+        (see :mod:`raytp.comm.backends`), with this node's address for the others."""
+        import ray
 
-    def join(self, rank: int, world_size: int, tp: int, dp: int, master: tuple[str, int],
-             device: str, timeout_s: float) -> str:
-        """Join the world as ``rank`` and build the mesh; returns this rank's device."""
+        return backend.leader_info(key, ray.util.get_node_ip_address())
+
+    def join(self, backend: Backend, rank: int, tp: int, dp: int, device: str, info,
+             timeout_s: float) -> str:
+        """Join as ``rank`` through ``backend`` with ``info`` (its part of the rendezvous)
+        and keep the mesh; returns this rank's device."""
         self._set_rank(rank)
-        if device == "cuda":
-            torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES shows this actor its GPU only
-        backend = "nccl" if device == "cuda" else "gloo"
-        addr, port = master
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
-        self.mesh = raytp.DeviceMesh(tp=tp, dp=dp)
-        log.info("joined: %s", self.mesh)
-        return str(self.mesh.device)
-
-    def nccl_unique_id(self) -> tuple:
-        """A CuPy NCCL unique id, made here for a group this rank leads."""
-        from raytp.comm.cupy_backend import unique_id
-
-        return unique_id()
-
-    def join_cupy(self, rank: int, tp: int, dp: int, tp_id: tuple, dp_id: tuple) -> str:
-        """Join as ``rank`` through CuPy NCCL communicators made from the ids the driver
-        handed out; no torch.distributed world and no TCP rendezvous."""
-        from raytp.comm.cupy_backend import cupy_mesh
-
-        self._set_rank(rank)
-        torch.cuda.set_device(0)
-        self.mesh = cupy_mesh(tp, dp, rank, tp_id, dp_id, torch.device("cuda", 0))
-        log.info("joined over CuPy NCCL: %s", self.mesh)
+        # Ray's CUDA_VISIBLE_DEVICES shows this actor its GPU only
+        where = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.mesh = backend.join(rank, tp, dp, where, info, timeout_s)
+        log.info("joined over %s: %s", backend.name, self.mesh)
         return str(self.mesh.device)
 
     def build(self, spec: BuildSpec) -> dict[str, Any]:

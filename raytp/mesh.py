@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from raytp.comm import Communicator, TorchCommunicator
+from raytp.comm.backends import get_backend
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,9 @@ def _default_device() -> torch.device:
 def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> None:
     """Initialize torch.distributed from ``torchrun``'s environment.
 
-    Uses NCCL and the GPU ``LOCAL_RANK`` when CUDA is available, gloo otherwise.
-    Does nothing if the world is already initialized.
+    ``backend="auto"`` is the torch backend's choice (:mod:`raytp.comm.backends`): NCCL
+    and the GPU ``LOCAL_RANK`` when CUDA is available, gloo otherwise; any other value
+    is a torch.distributed backend name. Does nothing if the world is already initialized.
     """
     if dist.is_initialized():
         return
@@ -139,7 +141,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> None:
     if missing:
         raise RuntimeError(f"init_distributed() needs torchrun's environment; missing {missing}")
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = get_backend("torch").process_group_backend("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -340,7 +340,8 @@ def test_an_idle_rank_that_dies_is_seen_by_the_health_monitor(ray_local):
             out = Path(os.environ["RAYTP_CHAOS_REPORT"])
             rows = json.loads(out.read_text()) if out.exists() else []
             rows.append({"test": "idle", "phase": "idle", "rank": 1, "mode": "kill", "detected_s": seen_s,
-                         "recovered_s": None, "resumed_at": None, "error": cluster.group.health.dead[1]["reason"]})
+                         "recovered_s": None, "resumed_at": None,
+                         "error": cluster.group.health.dead[1]["reason"]})
             out.write_text(json.dumps(rows, indent=1))
         with pytest.raises(RankDied, match=r"rank 1 failed in train_step: the rank's actor died: .*\(seen "
                                            r"by the health monitor during train_step\)"):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from raytp.comm.backends import get_backend
 from raytp.driver import checkpointing, launch, recovery
 from raytp.driver.group import RankGroup
 from raytp.driver.pending import Pending, PutBatch, check_picklable, put_batch
@@ -29,7 +30,6 @@ from raytp.engine.spec import DEFAULT_OPTIMIZER
 log = logging.getLogger(__name__)
 
 _open: weakref.WeakSet = weakref.WeakSet()
-BACKENDS = ("auto", "torch", "cupy-nccl")
 
 
 class TPCluster:
@@ -38,12 +38,13 @@ class TPCluster:
 
     Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
     process is in) or starts an embedded local one. Raises a clear error within
-    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` is "torch"
-    (torch.distributed: NCCL on GPUs, gloo on CPU; the default) or "cupy-nccl" (NCCL
-    communicators made through CuPy from unique ids the driver hands out; needs the
-    ``cuda12``/``cuda13`` extra). Use it as a context manager, or call :meth:`close`.
-    The ranks are ``self.group`` (a :class:`RankGroup`); the steps' metrics are
-    ``self.steps`` (a :class:`StepLog`).
+    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` names a
+    registered collective backend (:mod:`raytp.comm.backends`): "torch"
+    (torch.distributed: NCCL on GPUs, gloo on CPU; the default, also "auto"), "cupy-nccl"
+    (NCCL communicators made through CuPy from unique ids the driver hands out; needs
+    the ``cuda12``/``cuda13`` extra), or one added by :func:`raytp.comm.register_backend`.
+    Use it as a context manager, or call :meth:`close`. The ranks are ``self.group`` (a
+    :class:`RankGroup`); the steps' metrics are ``self.steps`` (a :class:`StepLog`).
     """
 
     def __init__(self, tp: int = 2, dp: int = 1, device: str = "auto", backend: str = "auto",
@@ -53,10 +54,8 @@ class TPCluster:
         for name, value in (("tp", tp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
-        if backend == "cupy-nccl" and device == "cpu":
-            raise ValueError("backend='cupy-nccl' is NCCL: it needs device='cuda' (or 'auto' on GPUs)")
+        chosen = get_backend(backend)  # by name: raytp.comm.register_backend adds one
+        chosen.check(device)
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
         self.recovery = RecoveryPolicy(max_failures, checkpoint_dir, checkpoint_every)
         self.steps = StepLog(tp, self.world_size)
@@ -69,9 +68,9 @@ class TPCluster:
         _open.add(self)
         try:
             self.device = launch.resolve_device(device, self.world_size)
-            if backend == "cupy-nccl" and self.device != "cuda":
-                raise ValueError("backend='cupy-nccl' needs GPUs; the cluster has too few")
-            self.backend = "torch" if backend == "auto" else backend
+            if self.device != device:  # what 'auto' chose
+                chosen.check(self.device)
+            self.backend = chosen.name if backend == "auto" else backend
             self.group = RankGroup(tp, dp, self.device, self.backend, timeout_s=timeout_s,
                                    log_level=logging._checkLevel(log_level), phase_timeout_s=phase_timeout_s)
             self.group.start()

@@ -49,8 +49,7 @@ class RankGroup:
         self.pg = launch.reserve(self.tp, self.dp, self.device, self.timeout_s)
         self.actors, self.nodes = launch.start_actors(self.pg, self.tp, self.dp, self.device,
                                                       self.log_level, self.timeout_s)
-        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.nodes[0]["ip"],
-                          self.timeout_s, self.backend)
+        launch.rendezvous(self.actors, self.tp, self.dp, self.device, self.timeout_s, self.backend)
         self.health = HealthMonitor(self.actors, lambda: self.last_phase)
 
     def restart(self) -> None:

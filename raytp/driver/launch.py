@@ -1,5 +1,5 @@
 """Bringing up the ranks: connect to Ray, reserve a placement group, start one actor
-per rank, order them, and join them into one torch.distributed world."""
+per rank, order them, and join them through their collective backend."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import RankActor
+from raytp.comm.backends import get_backend
 from raytp.driver.address import check_reachable
 from raytp.driver.errors import ClusterResourceError, PhaseTimeout, RankDied, RankError
 
@@ -104,23 +105,19 @@ def rank_order(infos: list[dict], tp: int) -> list[int]:
     return [i for group in groups for i in group]
 
 
-def rendezvous(actors: list, tp: int, dp: int, device: str, master_ip: str,
-               timeout_s: float, backend: str = "torch") -> list[str]:
-    """Rank 0 gives a free port on its node; every rank joins concurrently. With the
-    CuPy backend the leader of each group makes its NCCL unique id instead, and the
-    driver hands the ids out."""
-    if backend == "cupy-nccl":
-        return _rendezvous_cupy(actors, tp, dp, timeout_s)
-    port = wait_all([actors[0].free_port.remote()], "rendezvous", timeout_s)[0]
-    refs = [a.join.remote(rank, len(actors), tp, dp, (master_ip, port), device, timeout_s)
-            for rank, a in enumerate(actors)]
-    return wait_all(refs, "rendezvous", timeout_s)
-
-
-def _rendezvous_cupy(actors: list, tp: int, dp: int, timeout_s: float) -> list[str]:
-    tp_ids = wait_all([actors[d * tp].nccl_unique_id.remote() for d in range(dp)], "rendezvous", timeout_s)
-    dp_ids = wait_all([actors[t].nccl_unique_id.remote() for t in range(tp)], "rendezvous", timeout_s)
-    refs = [a.join_cupy.remote(rank, tp, dp, tp_ids[rank // tp], dp_ids[rank % tp])
+def rendezvous(actors: list, tp: int, dp: int, device: str, timeout_s: float,
+               backend: str = "torch") -> list[str]:
+    """Join the ranks through the backend registered as ``backend`` (see
+    :mod:`raytp.comm.backends`): the ranks it names as leaders make the rendezvous info
+    (torch: rank 0's address and a free port there; cupy-nccl: an NCCL unique id per TP
+    and per DP group), the driver hands every rank its part, and every rank joins
+    concurrently. Returns each rank's device."""
+    chosen = get_backend(backend)
+    leaders = chosen.leaders(tp, dp)
+    made = wait_all([actors[rank].rendezvous_info.remote(chosen, key) for key, rank in leaders.items()],
+                    "rendezvous", timeout_s, ranks=list(leaders.values()))
+    infos = dict(zip(leaders, made, strict=True))
+    refs = [a.join.remote(chosen, rank, tp, dp, device, chosen.rank_info(rank, tp, dp, infos), timeout_s)
             for rank, a in enumerate(actors)]
     return wait_all(refs, "rendezvous", timeout_s)
 
@@ -128,12 +125,15 @@ def _rendezvous_cupy(actors: list, tp: int, dp: int, timeout_s: float) -> list[s
 POLL_S = 1.0  # how often a wait looks at the health monitor
 
 
-def wait_all(refs: list, phase: str, timeout_s: float | None, health=None) -> list:
-    """Results of one call per rank, in rank order. The first failure raises a
-    :class:`RankError` naming its rank (a :class:`RankDied` when a rank's actor died, also
-    when ``health``, a :class:`~raytp.driver.health.HealthMonitor`, saw it die first);
-    ranks missing at the deadline, a :class:`PhaseTimeout` naming them."""
-    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+def wait_all(refs: list, phase: str, timeout_s: float | None, health=None,
+             ranks: list[int] | None = None) -> list:
+    """Results of one call per rank, in rank order (or of one call on each of ``ranks``,
+    in that order). The first failure raises a :class:`RankError` naming its rank (a
+    :class:`RankDied` when a rank's actor died, also when ``health``, a
+    :class:`~raytp.driver.health.HealthMonitor`, saw it die first); ranks missing at the
+    deadline, a :class:`PhaseTimeout` naming them."""
+    index_of = {ref: i for i, ref in enumerate(refs)}
+    rank_of = {ref: i if ranks is None else ranks[i] for ref, i in index_of.items()}
     results: list = [None] * len(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
@@ -144,11 +144,11 @@ def wait_all(refs: list, phase: str, timeout_s: float | None, health=None) -> li
         if not ready:
             raise_if_dead(health, phase)
             if deadline is not None and time.monotonic() >= deadline:
-                raise PhaseTimeout(phase, sorted(rank_of[r] for r in pending), timeout_s)
+                raise PhaseTimeout(phase, sorted({rank_of[r] for r in pending}), timeout_s)
             continue
         ref = ready[0]
         try:
-            results[rank_of[ref]] = get_one(ref, rank_of[ref], phase)
+            results[index_of[ref]] = get_one(ref, rank_of[ref], phase)
         except RankDied:
             raise
         except RankError:
