@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import ray
 
-from raytp.comm.backends import get_backend
 from raytp.driver import checkpointing, launch, recovery
 from raytp.driver.group import RankGroup
 from raytp.driver.pending import Pending, PutBatch, check_picklable, put_batch
@@ -37,14 +36,12 @@ class TPCluster:
     phases of training and inference on them.
 
     Connects to a running Ray cluster (``address``, ``RAY_ADDRESS``, or the one this
-    process is in) or starts an embedded local one. Raises a clear error within
-    ``timeout_s`` when the cluster cannot place the ranks. ``backend`` names a
-    registered collective backend (:mod:`raytp.comm.backends`): "torch"
-    (torch.distributed: NCCL on GPUs, gloo on CPU; the default, also "auto"), "cupy-nccl"
-    (NCCL communicators made through CuPy from unique ids the driver hands out; needs
-    the ``cuda12``/``cuda13`` extra), or one added by :func:`raytp.comm.register_backend`.
-    Use it as a context manager, or call :meth:`close`. The ranks are ``self.group`` (a
-    :class:`RankGroup`); the steps' metrics are ``self.steps`` (a :class:`StepLog`).
+    process is in) or starts an embedded local one; a clear error within ``timeout_s``
+    when it cannot place the ranks. ``backend`` names a registered collective backend
+    (:mod:`raytp.comm.backends`): "torch" (NCCL on GPUs, gloo on CPU; also "auto"),
+    "cupy-nccl" (CuPy NCCL communicators; the ``cuda12``/``cuda13`` extra), or one added by
+    :func:`raytp.comm.register_backend`. A context manager (or call :meth:`close`). The
+    ranks are ``self.group`` (:class:`RankGroup`), the steps' metrics ``self.steps`` (:class:`StepLog`).
     """
 
     def __init__(self, tp: int = 2, dp: int = 1, device: str = "auto", backend: str = "auto",
@@ -54,8 +51,7 @@ class TPCluster:
         for name, value in (("tp", tp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        chosen = get_backend(backend)  # by name: raytp.comm.register_backend adds one
-        chosen.check(device)
+        launch.check_backend(backend, device)  # by name: raytp.comm.register_backend adds one
         self.tp, self.dp, self.world_size = tp, dp, tp * dp
         self.recovery = RecoveryPolicy(max_failures, checkpoint_dir, checkpoint_every)
         self.steps = StepLog(tp, self.world_size)
@@ -68,9 +64,7 @@ class TPCluster:
         _open.add(self)
         try:
             self.device = launch.resolve_device(device, self.world_size)
-            if self.device != device:  # what 'auto' chose
-                chosen.check(self.device)
-            self.backend = chosen.name if backend == "auto" else backend
+            self.backend = launch.check_backend(backend, self.device)  # on what 'auto' chose
             self.group = RankGroup(tp, dp, self.device, self.backend, timeout_s=timeout_s,
                                    log_level=logging._checkLevel(log_level), phase_timeout_s=phase_timeout_s)
             self.group.start()
@@ -95,17 +89,16 @@ class TPCluster:
     # -- building -------------------------------------------------------------------
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
-              optimizer=DEFAULT_OPTIMIZER, seed: int = 0, max_grad_norm: float | None = None,
-              overlap: bool | str | None = None, on_nan: str = "raise") -> dict:
-        """Build the model shard on every rank from the :class:`raytp.engine.BuildSpec` of
-        these arguments, or from ``model`` when it is one (its docstring says what each
-        does; it checks them, here on the driver). ``optimizer=None`` builds
-        inference-only ranks: no optimizer state, no gradients; the training phases
+              optimizer=DEFAULT_OPTIMIZER, seed: int = 0, **options) -> dict:
+        """Build the model shard on every rank from ``BuildSpec(model, plan=..., loss_fn=...,
+        optimizer=..., seed=..., **options)`` (:class:`raytp.engine.BuildSpec`: it says what
+        each option does, e.g. ``max_grad_norm``, ``overlap``, ``on_nan``, and checks them,
+        here on the driver), or from ``model`` when it is a ``BuildSpec``. ``optimizer=None``
+        builds inference-only ranks: no optimizer state, no gradients; the training phases
         raise. From then on every batch is checked on the driver before it is sent
         (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
-            model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed,
-            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan)
+            model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed, **options)
         spec.check_tp(self.tp)  # sizes tp must divide, named here
         for name in ("model", "loss_fn", "plan", "optimizer"):
             check_picklable(name, getattr(spec, name))
@@ -143,9 +136,8 @@ class TPCluster:
         return self.submit_step().result()
 
     def submit_train_step(self, batch, prefetch: PutBatch | None = None) -> Pending:
-        """One training step on ``batch`` (a dict of arrays, or one already put with
-        :meth:`put_batch`). ``prefetch``, the next step's put batch, is copied to the
-        devices while this step runs (on GPUs, on each rank's data stream)."""
+        """One training step on ``batch`` (a dict of arrays, or one put with :meth:`put_batch`);
+        ``prefetch``, the next step's put batch, is copied to the devices meanwhile."""
         self._need_training("train_step")
         put = batch if isinstance(batch, PutBatch) else self.put_batch(batch)
         nxt = prefetch.refs if prefetch is not None else [None] * self.world_size
@@ -190,8 +182,8 @@ class TPCluster:
         return self.submit_run(method, *args, per_rank_args=per_rank_args, phase=phase).result()
 
     def gather(self, name: str):
-        """The full parameter ``name`` (its name in ``model.named_parameters()``) as a CPU
-        tensor, assembled on the ranks from their shards."""
+        """The full parameter ``name`` (as in ``model.named_parameters()``; a vocabulary is
+        padded to a multiple of tp) as a CPU tensor, from the ranks' DTensor views."""
         self._need_built("gather")
         return self.run("gather", name)[0]
 
@@ -245,8 +237,7 @@ class TPCluster:
 
     @property
     def data_position(self) -> int:
-        """Training batches consumed since ``build`` (``train_step``, ``forward``, ``fit``),
-        as restored by :meth:`load`: skip that many to resume the data where it was."""
+        """Training batches consumed since ``build``, as restored by :meth:`load`."""
         return self._data_position
 
     def save(self, path: str, *, extra: dict | None = None) -> str:

@@ -50,6 +50,13 @@ def _inherited_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+def check_backend(name: str, device: str) -> str:
+    """The registered backend ``name`` ("auto": torch's) can run on ``device``; its name."""
+    backend = get_backend(name)
+    backend.check(device)
+    return backend.name if name == "auto" else name
+
+
 def resolve_device(device: str, world_size: int) -> str:
     """'cuda' or 'cpu'; 'auto' picks CUDA when the cluster has a GPU for every rank."""
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -11,7 +11,7 @@ from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
 from raytp.metrics import count_params
-from raytp.nn.tuning import apply_overlap
+from raytp.nn.kernels import apply_overlap
 from raytp.validate import batch_checker
 
 log = logging.getLogger(__name__)

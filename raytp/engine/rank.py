@@ -20,6 +20,7 @@ from torch import nn
 
 from raytp.checkpoint import load_rank, save_rank
 from raytp.comm import count_collectives
+from raytp.dtensor import gather_parameter
 from raytp.engine.batches import batch_items, default_loss, to_device
 from raytp.engine.spec import ON_NAN
 from raytp.mesh import DeviceMesh
@@ -236,13 +237,9 @@ class RankEngine:
         return out
 
     def gather(self, name: str) -> torch.Tensor:
-        """The full parameter ``name`` on the CPU (collective over the TP group)."""
-        from raytp.models.hf_export import full_parameter
-
-        params = dict(self.model.named_parameters())
-        if name not in params:
-            raise KeyError(f"no parameter {name!r} in the model; it has {sorted(params)[:8]}...")
-        return full_parameter(params[name], self.mesh).cpu()
+        """The full parameter ``name`` on the CPU, from this rank's DTensor view of it
+        (:func:`raytp.dtensor.gather_parameter`; collective over the TP group)."""
+        return gather_parameter(self.model, name, self.mesh)
 
     # -- checkpoints ----------------------------------------------------------------------
 

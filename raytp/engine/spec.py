@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytp.nn.tuning import OVERLAP
+from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 
 ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
@@ -31,7 +31,7 @@ class BuildSpec:
     - ``seed``: torch's seed on every rank before the model is made, so that tp=N holds
       exactly the shards of tp=1's weights.
     - ``max_grad_norm``: clip the global gradient norm to it (None: no clipping).
-    - ``overlap``: one of :data:`raytp.nn.tuning.OVERLAP` (None: the device's default).
+    - ``overlap``: one of :data:`raytp.nn.kernels.OVERLAP` (None: the device's default).
     - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
     """
 
