@@ -8,16 +8,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import nets
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
+from nets import PLAN, Net, reference_losses
 
 import raytp
 
-PLAN = {"fc_in": "colwise", "fc_out": "rowwise"}
+RAY_BY_VALUE = (nets,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,30 +140,6 @@ def test_a_registered_backend_refuses_its_devices_in_tpcluster(registered):
         raytp.TPCluster(tp=2, backend="no-cpu", device="cpu")
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc_in = nn.Linear(12, 32, dtype=torch.float64)
-        self.fc_out = nn.Linear(32, 5, dtype=torch.float64)
-
-    def forward(self, x):
-        return self.fc_out(torch.tanh(self.fc_in(x)))
-
-
-def _reference_losses(batches, optimizer, seed=0):
-    torch.manual_seed(seed)
-    model = Net()
-    opt = optimizer.build(model.parameters())
-    losses = []
-    for b in batches:
-        loss = F.cross_entropy(model(torch.from_numpy(b["x"])), torch.from_numpy(b["y"]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_tpcluster_runs_on_a_backend_registered_by_name(ray_local, registered, tmp_path):
     """TPCluster(backend=<a registered name>): rank 0 makes the store path, both ranks
     join through it, and two train steps equal one process."""
@@ -175,7 +151,7 @@ def test_tpcluster_runs_on_a_backend_registered_by_name(ray_local, registered, t
         assert cluster.backend == "file-store-gloo"
         cluster.build(Net, plan=PLAN, optimizer=optimizer, seed=0)
         losses = [cluster.train_step(b)["loss"] for b in batches]
-    np.testing.assert_allclose(losses, _reference_losses(batches, optimizer), rtol=1e-10)
+    np.testing.assert_allclose(losses, reference_losses(batches, optimizer), rtol=1e-10)
     marks = {p.name: p.read_text().split() for p in tmp_path.iterdir()}
     assert set(marks) == {"rank0", "rank1"}
     assert marks["rank0"] == marks["rank1"] and marks["rank0"][1] == "cpu"

@@ -4,48 +4,18 @@ phases, metrics, and the errors a user meets first."""
 import re
 import time
 
+import nets
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
-from torch import nn
+from nets import PLAN, Net, make_batches, reference_losses
 
 import raytp
 from raytp.driver import ClusterResourceError, RankError
 
 ray = pytest.importorskip("ray")
 
-PLAN = {"fc_in": "colwise", "fc_out": "rowwise"}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc_in = nn.Linear(12, 32, dtype=torch.float64)
-        self.fc_out = nn.Linear(32, 5, dtype=torch.float64)
-
-    def forward(self, x):
-        return self.fc_out(torch.tanh(self.fc_in(x)))
-
-
-def make_batches(n_steps, batch_size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((batch_size, 12)), "y": rng.integers(0, 5, batch_size)}
-            for _ in range(n_steps)]
-
-
-def reference_losses(batches, optimizer, seed=0):
-    torch.manual_seed(seed)
-    model = Net()
-    opt = optimizer.build(model.parameters())
-    losses = []
-    for b in batches:
-        loss = F.cross_entropy(model(torch.from_numpy(b["x"])), torch.from_numpy(b["y"]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+RAY_BY_VALUE = (nets,)
 
 
 @pytest.fixture(scope="module")

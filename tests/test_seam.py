@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nets
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from nets import PLAN, Net
 
 import raytp
 from raytp.driver import RankError
@@ -23,19 +24,6 @@ from raytp.engine import BuildSpec, InferenceOnly
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).parents[1]
-PLAN = {"fc_in": "colwise", "fc_out": "rowwise"}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc_in = nn.Linear(12, 32, dtype=torch.float64)
-        self.fc_out = nn.Linear(32, 5, dtype=torch.float64)
-
-    def forward(self, x):
-        return self.fc_out(torch.tanh(self.fc_in(x)))
-
-
 def make_batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
     return {"x": rng.standard_normal((n, 12)), "y": rng.integers(0, 5, n)}
@@ -48,7 +36,7 @@ def _example(name: str):
     return module
 
 
-RAY_BY_VALUE = ()  # torchrun_gpt's SPEC holds only raytp classes: the ranks import them
+RAY_BY_VALUE = (nets,)
 
 
 @pytest.fixture(scope="module")
