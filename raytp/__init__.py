@@ -4,7 +4,7 @@ The core (this package without :mod:`raytp.driver`) is pure PyTorch and runs the
 same under Ray actors, ``torchrun`` or test processes.
 """
 
-from raytp import checkpoint, comm, models, nn
+from raytp import checkpoint, comm, models, nn, schedules
 from raytp.dtensor import DTensor
 from raytp.mesh import DeviceMesh, init_distributed
 from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
@@ -45,5 +45,6 @@ __all__ = [
     "init_distributed",
     "nn",
     "parallelize",
+    "schedules",
     "sync_grads",
 ]

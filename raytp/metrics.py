@@ -110,7 +110,7 @@ STEP_KEYS = {"step", "loss", "step_s", "forward_s", "backward_s", "optim_s", "sa
              "samples_per_s", "tokens_per_s", "tflops", "mfu", "grad_norm", "peak_mem_bytes",
              "comm_bytes", "comm_s", "collectives", "rank", "stragglers", "t_begin", "t_end",
              "host_s", "idle_s", "phase_starts", "forward_comm_s", "backward_comm_s", "optim_comm_s",
-             "skipped", "straggler"}
+             "skipped", "straggler", "lr"}
 PHASES = ("forward", "backward", "optim")
 
 
@@ -128,6 +128,7 @@ def summarize_step(rows: list[dict], tp_size: int) -> dict:
         "tflops": _mean(r["tflops"] for r in rows),
         "mfu": _mean(r["mfu"] for r in rows),
         "grad_norm": leaders[0]["grad_norm"],
+        "lr": leaders[0].get("lr"),  # the same on every rank
         "comm_bytes": max(r["comm_bytes"] for r in rows),
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in rows),
     }

@@ -18,6 +18,7 @@ from torch import nn
 
 from raytp.comm.backend import Communicator
 from raytp.mesh import DeviceMesh
+from raytp.optim_groups import check_no_decay, grouped, param_groups  # noqa: F401
 from raytp.params import get_spec, grad_reduce_groups, sumsq_once
 from raytp.placement import Shard
 
@@ -136,36 +137,50 @@ def clip_grad_norm_(params: nn.Module | Iterable[torch.Tensor], max_norm: float,
 
 @dataclass(frozen=True)
 class SGD:
-    """Picklable spec of ``torch.optim.SGD``, built on each rank over its local shards."""
+    """Picklable spec of ``torch.optim.SGD``, built on each rank over its local shards;
+    ``no_decay`` says which parameters get no weight decay (see :func:`param_groups`)."""
 
     lr: float = 1e-2
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    no_decay: str | tuple[str, ...] = "default"
 
     def __post_init__(self):
         _check_hparams(self)
+        check_no_decay(self.no_decay)
 
     def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.SGD(_params(params), **asdict(self))
+        """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
+        parameters), grouped as :func:`grouped` says."""
+        return torch.optim.SGD(grouped(params, self.weight_decay, self.no_decay), **_hyper(self))
 
 
 @dataclass(frozen=True)
 class AdamW:
-    """Picklable spec of ``torch.optim.AdamW``, built on each rank over its local shards."""
+    """Picklable spec of ``torch.optim.AdamW``, built on each rank over its local shards;
+    ``no_decay`` says which parameters get no weight decay (see :func:`param_groups`)."""
 
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
+    no_decay: str | tuple[str, ...] = "default"
 
     def __post_init__(self):
         _check_hparams(self)
+        check_no_decay(self.no_decay)
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must each be in [0, 1)")
 
     def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(_params(params), **asdict(self))
+        """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
+        parameters), grouped as :func:`grouped` says."""
+        return torch.optim.AdamW(grouped(params, self.weight_decay, self.no_decay), **_hyper(self))
+
+
+def _hyper(spec) -> dict:
+    return {k: v for k, v in asdict(spec).items() if k != "no_decay"}
 
 
 def _check_hparams(spec) -> None:
@@ -173,3 +188,10 @@ def _check_hparams(spec) -> None:
         value = getattr(spec, name, 0.0)
         if not value >= 0.0:  # also catches NaN
             raise ValueError(f"{type(spec).__name__}: {name}={value} must be >= 0")
+
+
+def build_optimizer(spec, module: nn.Module) -> torch.optim.Optimizer:
+    """``spec``'s optimizer over ``module``'s local shards: raytp's specs (:class:`SGD`,
+    :class:`AdamW`) get the module, so that they group its parameters by the modules
+    holding them (:func:`param_groups`); any other spec ``module.parameters()``."""
+    return spec.build(module if isinstance(spec, (SGD, AdamW)) else module.parameters())

@@ -34,7 +34,7 @@ def _batch(step, rows=4):
 def _engine(config, m, seed):
     torch.manual_seed(seed)
     model = config.build(m)
-    return RankEngine(m, model, raytp.AdamW(lr=1e-2, weight_decay=0.1).build(model.parameters()),
+    return RankEngine(m, model, raytp.AdamW(lr=1e-2, weight_decay=0.1).build(model),
                       max_grad_norm=1.0)
 
 

@@ -146,7 +146,8 @@ def load_optimizer_(shards: SavedShards, model: nn.Module, optimizer, mesh: Devi
 def _param_groups(saved: dict[str, Any], optimizer, named) -> list[dict[str, Any]]:
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"the checkpoint's optimizer has {len(saved['param_groups'])} param groups; "
-                              f"this one has {len(optimizer.param_groups)}")
+                              f"this one has {len(optimizer.param_groups)} (the spec's no_decay makes them: "
+                              "no_decay='none' gives one group, as checkpoints saved without groups hold)")
     groups, start = [], 0
     for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
         n = len(group["params"])

@@ -100,7 +100,7 @@ class TPCluster:
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed, **options)
         spec.check_tp(self.tp)  # sizes tp must divide, named here
-        for name in ("model", "loss_fn", "plan", "optimizer"):
+        for name in ("model", "loss_fn", "plan", "optimizer", "lr_schedule"):
             check_picklable(name, getattr(spec, name))
         infos = self.group.build(spec)
         self.spec, self._data_position = spec, 0

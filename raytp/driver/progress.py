@@ -22,6 +22,8 @@ def _postfix(summary: dict) -> dict[str, str]:
         shown["tok/s"] = f"{summary['tokens_per_s']:,.0f}"
     elif summary.get("samples_per_s"):
         shown["samples/s"] = f"{summary['samples_per_s']:,.0f}"
+    if summary.get("lr") is not None:
+        shown["lr"] = f"{summary['lr']:.3g}"
     if summary.get("stragglers"):
         shown["slow"] = ",".join(f"r{r}" for r in summary["stragglers"])
     if summary.get("eval_loss") is not None:

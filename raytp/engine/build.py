@@ -12,6 +12,7 @@ from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
 from raytp.metrics import count_params
 from raytp.nn.kernels import apply_overlap
+from raytp.optim import build_optimizer
 from raytp.validate import batch_checker
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
-    optimizer = spec.optimizer.build(module.parameters()) if spec.trains else None
+    optimizer = build_optimizer(spec.optimizer, module) if spec.trains else None
     return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
-                      on_nan=spec.on_nan)
+                      on_nan=spec.on_nan, lr_schedule=spec.lr_schedule)
 
 
 def describe(engine: RankEngine, spec: BuildSpec) -> dict[str, Any]:

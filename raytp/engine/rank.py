@@ -27,6 +27,7 @@ from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
 from raytp.random import rng_state, set_rng_state
+from raytp.schedules import Schedule, base_lrs, set_lr_
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class RankEngine:
 
     def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None,
-                 on_nan: str = "raise"):
+                 on_nan: str = "raise", lr_schedule: Schedule | None = None):
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
         self.on_nan = on_nan
@@ -74,6 +75,7 @@ class RankEngine:
             model.requires_grad_(False)  # no gradient buffers, no graph kept
         self.loss_fn = loss_fn or default_loss
         self.max_grad_norm = max_grad_norm
+        self.lr_schedule, self._base_lrs = lr_schedule, base_lrs(optimizer) if optimizer is not None else []
         self.flops_per_item = flops_per_item(model)
         self.timer = PhaseTimer(mesh.device)
         self.step_count = 0
@@ -172,12 +174,13 @@ class RankEngine:
             norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
                     else grad_norm(params, self.mesh))
             finite = bool(torch.isfinite(norm))  # the same on every rank: the norm is global
+            lr = set_lr_(self.optimizer, self._base_lrs, self.lr_schedule, self.step_count)
             if finite:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not finite and self.on_nan == "raise":
             raise self._drop_step(norm)
-        metrics = {**self._step_metrics(norm), "skipped": not finite}
+        metrics = {**self._step_metrics(norm), "skipped": not finite, "lr": lr}
         if not finite:
             log.warning("step %d skipped: loss %s, gradient norm %s", self.step_count, metrics["loss"],
                         metrics["grad_norm"])

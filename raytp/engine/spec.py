@@ -12,6 +12,7 @@ from torch import nn
 
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
+from raytp.schedules import Schedule, check_schedule
 
 ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
 DEFAULT_OPTIMIZER = AdamW()
@@ -33,6 +34,8 @@ class BuildSpec:
     - ``max_grad_norm``: clip the global gradient norm to it (None: no clipping).
     - ``overlap``: one of :data:`raytp.nn.kernels.OVERLAP` (None: the device's default).
     - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
+    - ``lr_schedule``: a :mod:`raytp.schedules` spec; each optimizer step's lr is the
+      optimizer's lr times its ``factor(step)`` (None: the optimizer's lr throughout).
     """
 
     model: Any
@@ -43,6 +46,7 @@ class BuildSpec:
     max_grad_norm: float | None = None
     overlap: bool | str | None = None
     on_nan: str = "raise"
+    lr_schedule: Schedule | None = None
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -53,6 +57,10 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
+        check_schedule(self.lr_schedule)
+        if self.lr_schedule is not None and self.optimizer is None:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
+                             "builds inference-only ranks")
         if self.plan is not None and not isinstance(self.plan, Mapping):
             raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
                             f"{type(self.plan).__name__}")
