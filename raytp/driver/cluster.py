@@ -96,16 +96,16 @@ class TPCluster:
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
               optimizer=DEFAULT_OPTIMIZER, seed: int = 0, max_grad_norm: float | None = None,
-              overlap: bool | str | None = None, on_nan: str = "raise") -> dict:
+              overlap: bool | str | None = None, on_nan: str = "raise", precision=None,
+              micro_batches: int = 1) -> dict:
         """Build the model shard on every rank from the :class:`raytp.engine.BuildSpec` of
-        these arguments, or from ``model`` when it is one (its docstring says what each
-        does; it checks them, here on the driver). ``optimizer=None`` builds
-        inference-only ranks: no optimizer state, no gradients; the training phases
-        raise. From then on every batch is checked on the driver before it is sent
-        (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
+        these arguments, or from ``model`` when it is one (its docstring says what each does;
+        checked here). ``optimizer=None``: inference-only ranks. Every batch is then checked
+        on the driver (:mod:`raytp.validate`). Returns the model's size and each rank's bytes."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed,
-            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan)
+            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan, precision=precision,
+            micro_batches=micro_batches)
         spec.check_tp(self.tp)  # sizes tp must divide, named here
         for name in ("model", "loss_fn", "plan", "optimizer"):
             check_picklable(name, getattr(spec, name))
@@ -239,7 +239,7 @@ class TPCluster:
         """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
         every rank of a TP group reads the same object."""
         self._batches_put += 1
-        return put_batch(batch, self.tp, self.dp, self._batch_checker, self._batches_put)
+        return put_batch(batch, self.tp, self.dp, self._batch_checker, self._batches_put, self.spec)
 
     # -- checkpoints and recovery (raytp.driver.checkpointing, raytp.driver.recovery) -----
 
@@ -261,9 +261,9 @@ class TPCluster:
         self._data_position = state["data_position"]
         return state
 
-    def export_hf(self, path: str) -> str:
-        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
-        return checkpointing.export_hf(self, path)
+    def export_hf(self, path: str, dtype: str | None = None) -> str:
+        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``, in ``dtype``."""
+        return checkpointing.export_hf(self, path, dtype)
 
     def recover(self) -> dict:
         """Rebuild the ranks after a failure: a new placement group, actors and

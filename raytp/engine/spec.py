@@ -12,6 +12,7 @@ from torch import nn
 
 from raytp.nn.tuning import OVERLAP
 from raytp.optim import AdamW
+from raytp.precision import MixedPrecision
 
 ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
 DEFAULT_OPTIMIZER = AdamW()
@@ -33,6 +34,10 @@ class BuildSpec:
     - ``max_grad_norm``: clip the global gradient norm to it (None: no clipping).
     - ``overlap``: one of :data:`raytp.nn.tuning.OVERLAP` (None: the device's default).
     - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
+    - ``precision``: a :class:`raytp.MixedPrecision` (compute in its ``param_dtype``, step
+      master weights of its ``master_dtype``; see :mod:`raytp.precision`), or None.
+    - ``micro_batches``: split each DP group's batch into this many micro-batches, one
+      optimizer step per batch, the loss the whole batch's mean (:mod:`raytp.engine.accumulate`).
     """
 
     model: Any
@@ -43,6 +48,8 @@ class BuildSpec:
     max_grad_norm: float | None = None
     overlap: bool | str | None = None
     on_nan: str = "raise"
+    precision: MixedPrecision | None = None
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -63,6 +70,13 @@ class BuildSpec:
             raise TypeError(f"seed={self.seed!r} must be an integer")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive (or None: no clipping)")
+        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
+                or self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches!r} must be a positive integer: the "
+                             "micro-batches each DP group's batch is split into")
+        if self.precision is not None and not isinstance(self.precision, MixedPrecision):
+            raise TypeError(f"precision must be a raytp.MixedPrecision or None, got "
+                            f"{type(self.precision).__name__}")
 
     def _check_optimizer(self) -> None:
         opt = self.optimizer
