@@ -42,8 +42,8 @@ def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config, exp
 def export_hf(model: nn.Module, mesh, directory: str | Path, *, dtype: str | None = None) -> bool:
     """Write ``model`` (a raytp :class:`~raytp.models.GPT`, or the view of its master
     weights, :meth:`raytp.precision.MasterWeights.view`) into ``directory`` as a Hugging
-    Face checkpoint, its tensors in ``dtype`` (a torch dtype's name; None: as held, and
-    config.json then names no dtype). Every rank calls it (collectives: an all-gather per
+    Face checkpoint, its tensors in ``dtype`` (a torch dtype's name; None: as held), named
+    in config.json's ``torch_dtype``. Every rank calls it (collectives: an all-gather per
     sharded parameter); TP rank 0 of DP group 0 writes, and returns True (the others False)."""
     cast = export_dtype(dtype)
     config = model.config
@@ -62,8 +62,8 @@ def export_hf(model: nn.Module, mesh, directory: str | Path, *, dtype: str | Non
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", tensors)
-    hf_config = family.config_to_hf(config)
-    write_json(directory / "config.json", hf_config if dtype is None else {**hf_config, "torch_dtype": dtype})
+    written = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    write_json(directory / "config.json", {**family.config_to_hf(config), "torch_dtype": written})
     return True
 
 
