@@ -55,6 +55,7 @@ def _train(k: int, dp: int):
             losses.append(engine.step()["loss"])
         dp_counts.append((before_step.count(group="dp"), before_step.count(group="tp"),
                           in_step.count(group="dp")))
+    losses.append(engine.evaluate(_group_slice(_batch(STEPS), m))["loss"])  # split too, the same mean
     params = {name: engine.gather(name) for name, _ in engine.model.named_parameters()}
     return losses, params, dp_counts
 
@@ -141,3 +142,26 @@ def test_micro_batches_not_dividing_the_dp_slice_refused_on_the_driver():
 def test_micro_batches_not_dividing_refused_on_a_rank():
     with pytest.raises(ValueError, match=r"^micro_batches=3 does not divide the batch size 8"):
         split({"input_ids": torch.zeros(8, 4)}, 3)
+
+
+def test_cluster_trains_with_micro_batches_and_mixed_precision(ray_local, tmp_path):
+    """The driver's build takes both; a batch micro_batches does not divide is refused on
+    the driver; the export is written in the dtype asked for (and a bad one refused)."""
+    from safetensors import safe_open
+
+    config = GPTConfig(vocab_size=37, n_layers=1, n_heads=2, d_model=16, max_seq_len=16)
+    ids = np.random.default_rng(0).integers(0, 37, (4, 8))
+    with raytp.TPCluster(tp=2, device="cpu") as cluster:
+        cluster.build(config, optimizer=raytp.AdamW(lr=1e-2), micro_batches=2,
+                      precision=raytp.MixedPrecision())
+        losses = [cluster.train_step({"input_ids": ids})["loss"] for _ in range(3)]
+        assert losses[-1] < losses[0], losses
+        with pytest.raises(ValueError, match=r"^micro_batches=2 does not divide the batch size 3 of each DP"):
+            cluster.train_step({"input_ids": ids[:3]})
+        with pytest.raises(ValueError, match=r"^export dtype='half precision' is not a torch"):
+            cluster.export_hf(str(tmp_path / "bad"), dtype="half precision")
+        cluster.export_hf(str(tmp_path / "hf"), dtype="bfloat16")
+        assert cluster.train_step({"input_ids": ids})["loss"] < losses[-1]  # the ranks were left fine
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in list(f.keys())} == {"BF16"}
+    assert not (tmp_path / "bad").exists()

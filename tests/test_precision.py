@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import raytp
+from raytp.comm import count_collectives
 from raytp.engine import BuildSpec, build_engine
 from raytp.models import GPTConfig
 from raytp.models.hf_export import export_dtype
@@ -129,3 +130,30 @@ def test_float16_and_a_third_reduce_dtype_refused():
         BuildSpec(model=GPTConfig(**SIZES), precision="bfloat16")
     with pytest.raises(ValueError, match=r"^export dtype='bf16' is not a torch floating-point dtype"):
         export_dtype("bf16")
+
+
+def _dp_run(reduce_dtype, k):
+    m = mesh(2, 2)
+    spec = BuildSpec(model=GPTConfig(**SIZES), optimizer=raytp.AdamW(lr=3e-3), micro_batches=k,
+                     precision=raytp.MixedPrecision(reduce_dtype=reduce_dtype))
+    engine = build_engine(m, spec)
+    losses, dp_bytes = [], []
+    for step in range(5):
+        half = {k: v.chunk(2)[m.dp_rank] for k, v in _batch(step).items()}
+        engine.forward(half)
+        engine.backward()
+        with count_collectives() as c:
+            losses.append(engine.step()["loss"])
+        dp_bytes.append(sum(r.nbytes for r in c.records if r.group == "dp"))
+    return losses, dp_bytes
+
+
+def test_reduce_dtype_and_micro_batches_at_dp2_tp2():
+    """Gradients reduced over DP in bf16 move half the bytes of fp32 and train alike; fp32
+    master gradients accumulated over 2 micro-batches train alike too."""
+    ref, ref_bytes = _dist.run(4, _dp_run, "float32", 1)[0]
+    bf16, bf16_bytes = _dist.run(4, _dp_run, "bfloat16", 1)[0]
+    accumulated, acc_bytes = _dist.run(4, _dp_run, "float32", 2)[0]
+    assert bf16_bytes == [b // 2 for b in ref_bytes] and acc_bytes == ref_bytes, (ref_bytes, bf16_bytes)
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(ref), rtol=0, atol=3e-3)
+    torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(ref), rtol=0, atol=3e-3)

@@ -27,6 +27,8 @@ class BuildSpec:
       (see :func:`raytp.parallelize`; None keeps it whole on every rank).
     - ``loss_fn(model, batch)``: a scalar loss, or ``(loss, extra_metrics)``; None uses
       the model's ``loss(batch)`` or cross-entropy of ``model(batch["x"])`` against ``y``.
+      ``extra_metrics["loss_tokens"]``, if given, is how many items the loss is the mean
+      of (micro-batches are weighted by it; default: the samples).
     - ``optimizer``: an optimizer spec (``raytp.AdamW``, ``raytp.SGD``), or None for an
       inference-only rank (no optimizer state, no gradients).
     - ``seed``: torch's seed on every rank before the model is made, so that tp=N holds
