@@ -10,6 +10,7 @@ from raytp.mesh import DeviceMesh, init_distributed
 from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
 from raytp.parallelize import parallelize
 from raytp.placement import Partial, Replicate, Shard
+from raytp.precision import MixedPrecision
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "TPCluster",
     "DTensor",
     "DeviceMesh",
+    "MixedPrecision",
     "Partial",
     "Replicate",
     "Shard",

@@ -190,8 +190,16 @@ def _check_hparams(spec) -> None:
             raise ValueError(f"{type(spec).__name__}: {name}={value} must be >= 0")
 
 
-def build_optimizer(spec, module: nn.Module) -> torch.optim.Optimizer:
-    """``spec``'s optimizer over ``module``'s local shards: raytp's specs (:class:`SGD`,
-    :class:`AdamW`) get the module, so that they group its parameters by the modules
-    holding them (:func:`param_groups`); any other spec ``module.parameters()``."""
-    return spec.build(module if isinstance(spec, (SGD, AdamW)) else module.parameters())
+def build_optimizer(spec, module: nn.Module, masters=None) -> torch.optim.Optimizer:
+    """``spec``'s optimizer over ``module``'s local shards, or over their master copies
+    (``masters``, a :class:`raytp.precision.MasterWeights`) under mixed precision. raytp's
+    specs (:class:`SGD`, :class:`AdamW`) group the parameters by the modules holding them
+    (:func:`param_groups`), the masters as their parameters; any other spec gets the
+    plain parameters (or masters)."""
+    if not isinstance(spec, (SGD, AdamW)):
+        return spec.build(masters.masters if masters is not None else module.parameters())
+    if masters is None:
+        return spec.build(module)
+    master_of = dict(zip(map(id, masters.params), masters.masters, strict=True))
+    groups = param_groups(module, spec.weight_decay, spec.no_decay)
+    return spec.build([{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups])

@@ -23,7 +23,7 @@ class CollectiveRecord:
     tag: str | None  # the caller's label (a layer name), when one is set
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: nested counters with the same records are still distinct
 class CollectiveCounter:
     """Collectives this process issued while the counter was active."""
 

@@ -16,12 +16,13 @@ from typing import Any
 
 from raytp.checkpoint.files import commit_dir, staging_dir, verify_files
 from raytp.checkpoint.sharded import read_index, write_index
+from raytp.models.hf_export import export_dtype
 
 log = logging.getLogger(__name__)
 
 
-def _staged(cluster, path: str | Path, phase: str, method: str) -> tuple[Path, Path, list]:
-    """Run the engine's ``method(staging)`` on every rank (for the driver's ``phase``),
+def _staged(cluster, path: str | Path, phase: str, method: str, *args) -> tuple[Path, Path, list]:
+    """Run the engine's ``method(staging, *args)`` on every rank (for the driver's ``phase``),
     into a fresh staging directory beside ``path``; removed if a rank fails."""
     if not cluster.built:
         raise RuntimeError(f"{phase}() before build(): there is no model to save")
@@ -29,7 +30,7 @@ def _staged(cluster, path: str | Path, phase: str, method: str) -> tuple[Path, P
     staging = staging_dir(path, uuid.uuid4().hex[:12])
     staging.mkdir(parents=True)
     try:
-        return path, staging, cluster.run(method, str(staging), phase=phase)
+        return path, staging, cluster.run(method, str(staging), *args, phase=phase)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -67,9 +68,13 @@ def load(cluster, path: str | Path) -> dict[str, Any]:
     return cluster.run("load_checkpoint", str(Path(path).resolve()), phase="load")[0]
 
 
-def export_hf(cluster, path: str | Path) -> str:
-    """Gather the model and write it as a Hugging Face checkpoint at ``path`` (atomically)."""
-    path, staging, results = _staged(cluster, path, "export_hf", "export_hf")
+def export_hf(cluster, path: str | Path, dtype: str | None = None) -> str:
+    """Gather the model (its master weights under mixed precision) and write it as a
+    Hugging Face checkpoint at ``path`` (atomically), its tensors in ``dtype`` (None: as
+    the ranks hold them; see :func:`raytp.models.hf_export.export_hf`)."""
+    if dtype is not None:
+        export_dtype(dtype)  # a bad name refused here, before any rank work
+    path, staging, results = _staged(cluster, path, "export_hf", "export_hf", dtype)
     if not any(results):
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError("no rank wrote the export")

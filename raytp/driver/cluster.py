@@ -231,7 +231,7 @@ class TPCluster:
         """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
         every rank of a TP group reads the same object."""
         self._batches_put += 1
-        return put_batch(batch, self.tp, self.dp, self._batch_checker, self._batches_put)
+        return put_batch(batch, self.tp, self.dp, self._batch_checker, self._batches_put, self.spec)
 
     # -- checkpoints and recovery (raytp.driver.checkpointing, raytp.driver.recovery) -----
 
@@ -252,9 +252,9 @@ class TPCluster:
         self._data_position = state["data_position"]
         return state
 
-    def export_hf(self, path: str) -> str:
-        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``."""
-        return checkpointing.export_hf(self, path)
+    def export_hf(self, path: str, dtype: str | None = None) -> str:
+        """Write the model as a Hugging Face checkpoint (GPT-2 or Llama) at ``path``, in ``dtype``."""
+        return checkpointing.export_hf(self, path, dtype)
 
     def recover(self) -> dict:
         """Rebuild the ranks after a failure: a new placement group, actors and

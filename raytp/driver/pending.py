@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import ray
 
 from raytp import validate
+from raytp.engine.accumulate import check_micro_batches
 
 
 def check_picklable(name: str, value) -> None:
@@ -26,12 +27,15 @@ class PutBatch(NamedTuple):
     refs: list
 
 
-def put_batch(batch: Mapping[str, Any], tp: int, dp: int, checker, batch_id: int) -> PutBatch:
+def put_batch(batch: Mapping[str, Any], tp: int, dp: int, checker, batch_id: int, spec=None) -> PutBatch:
     """Put ``batch`` into the object store: one copy per DP group (its slice of the batch);
     every rank of a TP group reads the same object. Refused here, with a clear error, when
-    it does not fit (:mod:`raytp.validate`; ``checker`` is the model's own check or None)."""
+    it does not fit (:mod:`raytp.validate`; ``checker`` is the model's own check or None;
+    ``spec``, the ranks' BuildSpec or None before build, says the micro-batches)."""
     arrays = validate.as_arrays(batch)
     per_group = validate.check_dp(arrays, dp)
+    if spec is not None:
+        check_micro_batches(per_group, spec.micro_batches)
     if checker is not None:
         checker.validate_batch(arrays, tp)
     refs = [ray.put({k: v[d * per_group:(d + 1) * per_group] for k, v in arrays.items()})

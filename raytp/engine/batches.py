@@ -14,9 +14,12 @@ from raytp.streams import copy_to_device
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]):
-    """``model.loss(batch)`` when the model has one; else cross-entropy of ``model(x)``
-    against ``y``, with the accuracy as an extra metric."""
+    """``model.loss(batch)`` when the model has one (with ``loss_tokens``, the items its
+    mean is over, when the model counts them: ``model.loss_tokens(batch)``); else
+    cross-entropy of ``model(x)`` against ``y``, with the accuracy as an extra metric."""
     if hasattr(model, "loss"):
+        if hasattr(model, "loss_tokens"):
+            return model.loss(batch), {"loss_tokens": model.loss_tokens(batch)}
         return model.loss(batch)
     if "x" not in batch or "y" not in batch:
         raise ValueError(f"the default loss needs batch keys 'x' and 'y' (got {sorted(batch)}); "

@@ -13,6 +13,7 @@ from raytp.mesh import DeviceMesh
 from raytp.metrics import count_params
 from raytp.nn.kernels import apply_overlap
 from raytp.optim import build_optimizer
+from raytp.precision import apply_precision
 from raytp.validate import batch_checker
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
     overlap setting (collective for ``"symm_mem"``), the layer tags that name the
-    collectives, and the optimizer over the local shards (none for inference).
+    collectives, the precision policy (master weights), and the optimizer over the
+    local shards or their masters (none for inference).
     Every rank of the mesh calls it."""
     if not isinstance(spec, BuildSpec):
         raise TypeError(f"build_engine takes a raytp.engine.BuildSpec, got {type(spec).__name__}")
@@ -30,9 +32,11 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
-    optimizer = build_optimizer(spec.optimizer, module) if spec.trains else None
+    masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
+    optimizer = build_optimizer(spec.optimizer, module, masters) if spec.trains else None
     return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
-                      on_nan=spec.on_nan, lr_schedule=spec.lr_schedule)
+                      on_nan=spec.on_nan, lr_schedule=spec.lr_schedule, masters=masters,
+                      micro_batches=spec.micro_batches)
 
 
 def describe(engine: RankEngine, spec: BuildSpec) -> dict[str, Any]:

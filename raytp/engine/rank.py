@@ -21,11 +21,13 @@ from torch import nn
 from raytp.checkpoint import load_rank, save_rank
 from raytp.comm import count_collectives
 from raytp.dtensor import gather_parameter
+from raytp.engine import accumulate
 from raytp.engine.batches import batch_items, default_loss, to_device
 from raytp.engine.spec import ON_NAN
 from raytp.mesh import DeviceMesh
 from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
+from raytp.precision import MasterWeights
 from raytp.random import rng_state, set_rng_state
 from raytp.schedules import Schedule, base_lrs, set_lr_
 
@@ -59,6 +61,12 @@ class RankEngine:
     optimizer: with ``on_nan="raise"`` it raises :class:`NonFiniteLoss` naming the step,
     with ``"skip"`` it drops the gradients and reports ``"skipped": True``.
 
+    With ``micro_batches=k > 1`` (:mod:`raytp.engine.accumulate`) ``forward`` runs the
+    forward and backward of the first k - 1 micro-batches and the forward of the last,
+    whose backward is ``backward()``'s; the step syncs the gradients once. With
+    ``masters`` (:mod:`raytp.precision`) the optimizer steps the master weights, and
+    checkpoints and exports hold them (:attr:`weights`).
+
     With ``optimizer=None`` the rank is inference-only: its parameters do not require
     grad, ``forward`` and ``evaluate`` run without a graph, and ``backward``, ``step``
     and ``train_step`` raise :class:`InferenceOnly`.
@@ -66,7 +74,8 @@ class RankEngine:
 
     def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None,
-                 on_nan: str = "raise", lr_schedule: Schedule | None = None):
+                 on_nan: str = "raise", lr_schedule: Schedule | None = None,
+                 masters: MasterWeights | None = None, micro_batches: int = 1):
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
         self.on_nan = on_nan
@@ -76,6 +85,9 @@ class RankEngine:
         self.loss_fn = loss_fn or default_loss
         self.max_grad_norm = max_grad_norm
         self.lr_schedule, self._base_lrs = lr_schedule, base_lrs(optimizer) if optimizer is not None else []
+        self.masters, self.micro_batches = masters, micro_batches
+        self._to_backward: torch.Tensor | None = None  # what backward() back-propagates
+        self._grad_scale = 1.0  # what the step multiplies the gradients by (accumulation)
         self.flops_per_item = flops_per_item(model)
         self.timer = PhaseTimer(mesh.device)
         self.step_count = 0
@@ -88,11 +100,30 @@ class RankEngine:
         self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
 
     def _compute_loss(self, batch):
-        out = self.loss_fn(self.model, batch)
-        loss, extras = out if isinstance(out, tuple) else (out, {})
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TypeError(f"the loss function must return a scalar tensor, got {loss!r}")
-        return loss, extras
+        return accumulate.loss_parts(self.loss_fn(self.model, batch), batch)
+
+    def _micro_batches(self, batch, backward: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The whole batch's loss and extras over its micro-batches; with ``backward``, all
+        but the last back-propagated (that one is left for :meth:`backward`)."""
+        done = accumulate.run(self._compute_loss, batch, self.micro_batches,
+                              self._backward_of if backward else None)
+        self._to_backward, self._grad_scale = done.to_backward, done.grad_scale
+        return done.loss, done.extras
+
+    def _backward_of(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.masters is not None:
+            self.masters.accumulate_grads()  # summed in master_dtype, micro-batch after micro-batch
+
+    def _grad_params(self) -> list[torch.Tensor]:
+        """The tensors whose gradients the optimizer steps: the masters, or the model's."""
+        return self.masters.masters if self.masters is not None else list(self.model.parameters())
+
+    @property
+    def weights(self):
+        """What checkpoints and exports hold: the model, or (mixed precision) its master
+        weights under the model's names (:meth:`raytp.precision.MasterWeights.view`)."""
+        return self.masters.view() if self.masters is not None else self.model
 
     @contextmanager
     def _named(self, name: str):
@@ -151,7 +182,7 @@ class RankEngine:
         self.model.train(self.trains)  # an inference-only rank's forward runs as evaluate's
         batch = self._device_batch(batch, batch_id)
         with self._phase("forward"), torch.set_grad_enabled(self.trains):
-            self._loss, extras = self._compute_loss(batch)
+            self._loss, extras = self._micro_batches(batch, backward=self.trains)
         self._pending.update(batch_items=batch_items(batch), extras=extras)
         return {"phase": "forward"}
 
@@ -160,7 +191,9 @@ class RankEngine:
         if self._loss is None:
             raise RuntimeError("backward() without a forward(): call forward(batch) first")
         with self._phase("backward"):
-            self._loss.backward()
+            if self._to_backward is not None:
+                self._backward_of(self._to_backward)
+            self._to_backward = None
         return {"phase": "backward"}
 
     def step(self) -> dict[str, Any]:
@@ -168,15 +201,21 @@ class RankEngine:
         if self._loss is None:
             raise RuntimeError("step() without forward() and backward()")
         with self._phase("optim"):
-            poison_grads_if_nonfinite_(self.model.parameters(), self._loss)
-            sync_grads(self.model, self.mesh)
-            params = self.model.parameters()
+            params = self._grad_params()
+            accumulate.scale_grads_(params, self._grad_scale)
+            poison_grads_if_nonfinite_(params, self._loss)
+            if self.masters is not None:
+                self.masters.sync_grads(self.mesh)  # in the policy's reduce_dtype
+            else:
+                sync_grads(params, self.mesh)
             norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
                     else grad_norm(params, self.mesh))
             finite = bool(torch.isfinite(norm))  # the same on every rank: the norm is global
             lr = set_lr_(self.optimizer, self._base_lrs, self.lr_schedule, self.step_count)
             if finite:
                 self.optimizer.step()
+                if self.masters is not None:
+                    self.masters.to_model()
             self.optimizer.zero_grad(set_to_none=True)
         if not finite and self.on_nan == "raise":
             raise self._drop_step(norm)
@@ -223,7 +262,8 @@ class RankEngine:
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         self.model.eval()
-        loss, extras = self._compute_loss(self._copy_now(batch))  # keeps any prefetched batch
+        batch = self._copy_now(batch)  # keeps any prefetched batch
+        loss, extras = self._micro_batches(batch, backward=False)
         return {"loss": loss.item(), **extras}
 
     def memory_bytes(self) -> dict[str, int]:
@@ -235,14 +275,17 @@ class RankEngine:
                "grad_bytes": _nbytes(p.grad for p in params if p.grad is not None),
                "optimizer_bytes": _nbytes(t for state in states for t in state.values()
                                           if isinstance(t, torch.Tensor))}
+        if self.masters is not None:
+            out["master_bytes"] = _nbytes(self.masters.masters)
         if self.mesh.device.type == "cuda":
             out["allocated_bytes"] = torch.cuda.memory_allocated(self.mesh.device)
         return out
 
     def gather(self, name: str) -> torch.Tensor:
-        """The full parameter ``name`` on the CPU, from this rank's DTensor view of it
-        (:func:`raytp.dtensor.gather_parameter`; collective over the TP group)."""
-        return gather_parameter(self.model, name, self.mesh)
+        """The full parameter ``name`` on the CPU, from this rank's DTensor view of it (the
+        master's values under mixed precision; :func:`raytp.dtensor.gather_parameter`,
+        collective over the TP group)."""
+        return gather_parameter(self.weights, name, self.mesh)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -250,13 +293,15 @@ class RankEngine:
         """This rank's part of a checkpoint save: its file (DP rank 0 only) and, on rank 0,
         the index's description of the run (see :func:`raytp.checkpoint.save_rank`)."""
         with self._named("save"):
-            return save_rank(directory, self.model, self.optimizer, self.mesh, step=self.step_count)
+            return save_rank(directory, self.weights, self.optimizer, self.mesh, step=self.step_count)
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Load model, optimizer state, step and RNG states from a checkpoint saved at any tp;
         returns ``{"step", "data_position", "extra"}``."""
         with self._named("load"):
-            state = load_rank(path, self.model, self.optimizer, self.mesh)
+            state = load_rank(path, self.weights, self.optimizer, self.mesh)
+            if self.masters is not None:
+                self.masters.to_model()
         self.step_count = state["step"]
         self._loss, self._pending = None, {}
         return state
@@ -268,11 +313,12 @@ class RankEngine:
     def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
         set_rng_state(states, getattr(self.model, "rng", None), self.mesh.device, same_tp_rank=True)
 
-    def export_hf(self, directory: str) -> bool:
-        """Write the model as a Hugging Face checkpoint (collective; rank 0 writes)."""
+    def export_hf(self, directory: str, dtype: str | None = None) -> bool:
+        """Write the model (its master weights under mixed precision) as a Hugging Face
+        checkpoint, in ``dtype`` (None: as held). Collective; rank 0 writes."""
         from raytp.models.hf_export import export_hf
 
-        return export_hf(self.model, self.mesh, directory)
+        return export_hf(self.weights, self.mesh, directory, dtype=dtype)
 
     def _step_metrics(self, norm) -> dict[str, Any]:
         seconds = self.timer.collect()

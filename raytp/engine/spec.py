@@ -12,6 +12,7 @@ from torch import nn
 
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
+from raytp.precision import MixedPrecision
 from raytp.schedules import Schedule, check_schedule
 
 ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
@@ -27,6 +28,8 @@ class BuildSpec:
       (see :func:`raytp.parallelize`; None keeps it whole on every rank).
     - ``loss_fn(model, batch)``: a scalar loss, or ``(loss, extra_metrics)``; None uses
       the model's ``loss(batch)`` or cross-entropy of ``model(batch["x"])`` against ``y``.
+      ``extra_metrics["loss_tokens"]``, if given, is how many items the loss is the mean
+      of (micro-batches are weighted by it; default: the samples).
     - ``optimizer``: an optimizer spec (``raytp.AdamW``, ``raytp.SGD``), or None for an
       inference-only rank (no optimizer state, no gradients).
     - ``seed``: torch's seed on every rank before the model is made, so that tp=N holds
@@ -36,6 +39,10 @@ class BuildSpec:
     - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
     - ``lr_schedule``: a :mod:`raytp.schedules` spec; each optimizer step's lr is the
       optimizer's lr times its ``factor(step)`` (None: the optimizer's lr throughout).
+    - ``precision``: a :class:`raytp.MixedPrecision` (compute in its ``param_dtype``, step
+      master weights of its ``master_dtype``; see :mod:`raytp.precision`), or None.
+    - ``micro_batches``: split each DP group's batch into this many micro-batches, one
+      optimizer step per batch, the loss the whole batch's mean (:mod:`raytp.engine.accumulate`).
     """
 
     model: Any
@@ -47,6 +54,8 @@ class BuildSpec:
     overlap: bool | str | None = None
     on_nan: str = "raise"
     lr_schedule: Schedule | None = None
+    precision: MixedPrecision | None = None
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -71,6 +80,13 @@ class BuildSpec:
             raise TypeError(f"seed={self.seed!r} must be an integer")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive (or None: no clipping)")
+        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
+                or self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches!r} must be a positive integer: the "
+                             "micro-batches each DP group's batch is split into")
+        if self.precision is not None and not isinstance(self.precision, MixedPrecision):
+            raise TypeError(f"precision must be a raytp.MixedPrecision or None, got "
+                            f"{type(self.precision).__name__}")
 
     def _check_optimizer(self) -> None:
         opt = self.optimizer

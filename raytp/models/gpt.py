@@ -95,6 +95,16 @@ def sequence_parallel_off(module: nn.Module):
             m.kernel = kernel
 
 
+def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) targets: ``batch["labels"]``, or the next input ids (the last ignored)."""
+    ids, labels = batch["input_ids"], batch.get("labels")
+    if labels is None:
+        return F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(ids.shape)}")
+    return labels
+
+
 class GPT(nn.Module):
     """This rank's shard of a decoder-only transformer (see :class:`GPTConfig`).
 
@@ -188,14 +198,13 @@ class GPT(nn.Module):
         target of each position (-100 to ignore it); by default the next input id, the
         last position ignored. The logits are never gathered.
         """
-        ids = batch["input_ids"]
-        labels = batch.get("labels")
-        if labels is None:
-            labels = F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
-        elif labels.shape != ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(ids.shape)}")
+        ids, labels = batch["input_ids"], _labels(batch)
         return vocab_parallel_cross_entropy(self(ids), labels, comm=self.mesh.tp_comm,
                                             vocab_size=self.config.vocab_size, ignore_index=IGNORE_INDEX)
+
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many tokens :meth:`loss` is the mean of: the labels that are not -100 (0-dim)."""
+        return (_labels(batch) != IGNORE_INDEX).sum()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,

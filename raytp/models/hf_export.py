@@ -39,10 +39,13 @@ def _hf_tensors(name: str, full: torch.Tensor, source: Source, spec, config, exp
 
 
 @torch.no_grad()
-def export_hf(model: nn.Module, mesh, directory: str | Path) -> bool:
-    """Write ``model`` (a raytp :class:`~raytp.models.GPT`) into ``directory`` as a
-    Hugging Face checkpoint. Every rank calls it (collectives: an all-gather per sharded
-    parameter); TP rank 0 of DP group 0 writes, and returns True (the others False)."""
+def export_hf(model: nn.Module, mesh, directory: str | Path, *, dtype: str | None = None) -> bool:
+    """Write ``model`` (a raytp :class:`~raytp.models.GPT`, or the view of its master
+    weights, :meth:`raytp.precision.MasterWeights.view`) into ``directory`` as a Hugging
+    Face checkpoint, its tensors in ``dtype`` (a torch dtype's name; None: as held), named
+    in config.json's ``torch_dtype``. Every rank calls it (collectives: an all-gather per
+    sharded parameter); TP rank 0 of DP group 0 writes, and returns True (the others False)."""
+    cast = export_dtype(dtype)
     config = model.config
     family = export_family_of(config)  # a ValueError, on every rank, before any collective
     names, export = hf_names(family, config), family.export
@@ -53,11 +56,22 @@ def export_hf(model: nn.Module, mesh, directory: str | Path) -> bool:
         if writer:
             for key, value in _hf_tensors(name, full, names[name], get_spec(param), config, export).items():
                 prefix = "" if key in export.outside else export.base_prefix
-                tensors[prefix + key] = value.contiguous()
+                tensors[prefix + key] = (value if cast is None else value.to(cast)).contiguous()
     if not writer:
         return False
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", tensors)
-    write_json(directory / "config.json", family.config_to_hf(config))
+    written = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    write_json(directory / "config.json", {**family.config_to_hf(config), "torch_dtype": written})
     return True
+
+
+def export_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype) \
+            or not getattr(torch, dtype).is_floating_point:
+        raise ValueError(f"export dtype={dtype!r} is not a torch floating-point dtype's name "
+                         "(e.g. 'bfloat16', 'float16', 'float32')")
+    return getattr(torch, dtype)
