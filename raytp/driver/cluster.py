@@ -96,7 +96,7 @@ class TPCluster:
 
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
               optimizer=DEFAULT_OPTIMIZER, seed: int = 0, max_grad_norm: float | None = None,
-              overlap: bool | str | None = None, on_nan: str = "raise") -> dict:
+              overlap: bool | str | None = None, on_nan="raise", activation_checkpointing=None) -> dict:
         """Build the model shard on every rank from the :class:`raytp.engine.BuildSpec` of
         these arguments, or from ``model`` when it is one (its docstring says what each
         does; it checks them, here on the driver). ``optimizer=None`` builds
@@ -105,7 +105,8 @@ class TPCluster:
         (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed,
-            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan)
+            max_grad_norm=max_grad_norm, overlap=overlap, on_nan=on_nan, activation_checkpointing=(
+                activation_checkpointing))
         spec.check_tp(self.tp)  # sizes tp must divide, named here
         for name in ("model", "loss_fn", "plan", "optimizer"):
             check_picklable(name, getattr(spec, name))

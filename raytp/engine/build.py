@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from raytp import tracing
+from raytp.activation_ckpt import apply_activation_checkpointing
 from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
-    overlap setting (collective for ``"symm_mem"``), the layer tags that name the
+    overlap setting (collective for ``"symm_mem"``), activation checkpointing, the layer tags that name the
     collectives, and the optimizer over the local shards (none for inference).
     Every rank of the mesh calls it."""
     if not isinstance(spec, BuildSpec):
@@ -28,6 +29,7 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     module = spec.make_module(mesh.device, mesh)
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
+    apply_activation_checkpointing(module, spec.activation_checkpointing)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
     optimizer = spec.optimizer.build(module.parameters()) if spec.trains else None
     return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,

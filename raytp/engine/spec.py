@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytp.activation_ckpt import check_mode
 from raytp.nn.tuning import OVERLAP
 from raytp.optim import AdamW
 
@@ -33,6 +34,8 @@ class BuildSpec:
     - ``max_grad_norm``: clip the global gradient norm to it (None: no clipping).
     - ``overlap``: one of :data:`raytp.nn.tuning.OVERLAP` (None: the device's default).
     - ``on_nan``: ``"raise"`` or ``"skip"`` a step whose loss or gradient norm is not finite.
+    - ``activation_checkpointing``: ``"full"`` or ``"selective"`` per transformer block of a
+      raytp model, or ``{pattern: mode}`` per submodule (see :mod:`raytp.activation_ckpt`).
     """
 
     model: Any
@@ -43,6 +46,7 @@ class BuildSpec:
     max_grad_norm: float | None = None
     overlap: bool | str | None = None
     on_nan: str = "raise"
+    activation_checkpointing: str | Mapping[str, str] | None = None
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -53,6 +57,7 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
+        check_mode(self.activation_checkpointing)
         if self.plan is not None and not isinstance(self.plan, Mapping):
             raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
                             f"{type(self.plan).__name__}")
