@@ -142,12 +142,18 @@ class SGD:
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    shard_over_dp: bool = False  # ZeRO-1: see raytp.zero
 
     def __post_init__(self):
         _check_hparams(self)
 
-    def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.SGD(_params(params), **asdict(self))
+    def build(self, params, mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
+        hypers = {k: v for k, v in asdict(self).items() if k != "shard_over_dp"}
+        if self.shard_over_dp:
+            from raytp.zero import build_sharded
+
+            return build_sharded(torch.optim.SGD, _params(params), hypers, mesh)
+        return torch.optim.SGD(_params(params), **hypers)
 
 
 @dataclass(frozen=True)
@@ -158,17 +164,25 @@ class AdamW:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
+    shard_over_dp: bool = False  # ZeRO-1: state and update of 1/dp of the shard per DP rank (raytp.zero)
 
     def __post_init__(self):
         _check_hparams(self)
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must each be in [0, 1)")
 
-    def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(_params(params), **asdict(self))
+    def build(self, params, mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
+        hypers = {k: v for k, v in asdict(self).items() if k != "shard_over_dp"}
+        if self.shard_over_dp:
+            from raytp.zero import build_sharded
+
+            return build_sharded(torch.optim.AdamW, _params(params), hypers, mesh)
+        return torch.optim.AdamW(_params(params), **hypers)
 
 
 def _check_hparams(spec) -> None:
+    if not isinstance(spec.shard_over_dp, bool):
+        raise ValueError(f"{type(spec).__name__}: shard_over_dp={spec.shard_over_dp!r} must be True or False")
     for name in ("lr", "weight_decay", "momentum", "eps"):
         value = getattr(spec, name, 0.0)
         if not value >= 0.0:  # also catches NaN

@@ -115,7 +115,7 @@ def _plain_modes():
 def test_plain_module_by_pattern():
     for out in _dist.run(2, _plain_modes):
         base = out["None"]
-        for mode, (loss, grads, collectives) in out.items():
+        for mode, (loss, grads, _) in out.items():
             assert loss == base[0], mode
             _assert_grads(grads, base[1])
         assert out[str({"blocks.*": "full"})][2] > base[2]

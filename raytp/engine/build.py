@@ -31,9 +31,16 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
         apply_overlap(module, spec.overlap)
     apply_activation_checkpointing(module, spec.activation_checkpointing)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
-    optimizer = spec.optimizer.build(module.parameters()) if spec.trains else None
+    optimizer = _build_optimizer(spec.optimizer, module, mesh) if spec.trains else None
     return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
                       on_nan=spec.on_nan)
+
+
+def _build_optimizer(optimizer, module, mesh):
+    """The optimizer over the local shards; a DP-sharded one (``shard_over_dp``) also gets the mesh."""
+    if getattr(optimizer, "shard_over_dp", False):
+        return optimizer.build(module.parameters(), mesh=mesh)
+    return optimizer.build(module.parameters())
 
 
 def describe(engine: RankEngine, spec: BuildSpec) -> dict[str, Any]:

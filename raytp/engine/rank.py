@@ -166,10 +166,7 @@ class RankEngine:
             raise RuntimeError("step() without forward() and backward()")
         with self._phase("optim"):
             poison_grads_if_nonfinite_(self.model.parameters(), self._loss)
-            sync_grads(self.model, self.mesh)
-            params = self.model.parameters()
-            norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
-                    else grad_norm(params, self.mesh))
+            norm = self._sync_grads_and_norm()
             finite = bool(torch.isfinite(norm))  # the same on every rank: the norm is global
             if finite:
                 self.optimizer.step()
@@ -183,6 +180,17 @@ class RankEngine:
         self._loss, self._pending = None, {}
         self.step_count += 1
         return metrics
+
+    def _sync_grads_and_norm(self) -> torch.Tensor:
+        """Whole gradients (TP partial sums, DP mean), clipped to ``max_grad_norm``; their
+        global norm. A DP-sharded optimizer (:mod:`raytp.zero`) reduce-scatters them instead."""
+        sharded = getattr(self.optimizer, "sync_grads_and_norm", None)
+        if sharded is not None:
+            return sharded(self.max_grad_norm)
+        sync_grads(self.model, self.mesh)
+        params = self.model.parameters()
+        return (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
+                else grad_norm(params, self.mesh))
 
     def _drop_step(self, norm) -> NonFiniteLoss:
         """Forget the step that is not taken; the error that names it."""
