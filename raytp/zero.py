@@ -58,6 +58,9 @@ class _Bucket:
             if a < b:
                 self.pieces.append(_Piece(p, a - offset, b - a, p.detach().view(-1)[a - offset:b - offset]))
             offset += p.numel()
+        if not self.pieces:  # a bucket smaller than dp slices: an empty piece keeps the state's keys
+            last = params[-1]
+            self.pieces.append(_Piece(last, last.numel(), 0, last.detach().view(-1)[last.numel():]))
         self.pad = self.per_rank - sum(piece.length for piece in self.pieces)  # on the last ranks
 
     def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -83,9 +86,7 @@ class _Bucket:
     @torch.no_grad()
     def all_gather_params(self) -> None:
         """Every rank's updated slice into every parameter."""
-        mine = [piece.view for piece in self.pieces]
-        local = torch.cat(mine + [self.params[0].new_zeros(self.pad)]) if mine else \
-            self.params[0].new_zeros(self.per_rank)
+        local = torch.cat([piece.view for piece in self.pieces] + [self.params[0].new_zeros(self.pad)])
         full = local.new_empty(self.dp.size * self.per_rank)
         self.dp.all_gather(full, local)
         for p, part in zip(self.params, full[:self.numel].split([p.numel() for p in self.params]),
@@ -94,7 +95,7 @@ class _Bucket:
 
     def gather_state(self, states: list[torch.Tensor]) -> torch.Tensor:
         """(numel,) a per-element state whose pieces are ``states``, gathered over DP."""
-        local = torch.cat([*states, self.params[0].new_zeros(self.pad)]).to(self.params[0].dtype)
+        local = torch.cat([*states, states[0].new_zeros(self.pad)])
         full = local.new_empty(self.dp.size * self.per_rank)
         self.dp.all_gather(full, local.contiguous())
         return full[:self.numel]
@@ -151,7 +152,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("a DP-sharded optimizer takes no closure")
         for piece in self._pieces():
-            if piece.view.data_ptr() != piece.param.data_ptr() + piece.start * piece.param.element_size():
+            offset = piece.start * piece.param.element_size()
+            if piece.length and piece.view.data_ptr() != piece.param.data_ptr() + offset:
                 raise RuntimeError("a parameter's storage was replaced after the sharded optimizer was "
                                    "built; build the optimizer after casting or moving the model")
         for group, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
@@ -197,14 +199,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 def _gathered(bucket: _Bucket, state) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
-    """``{param: {key: full tensor or scalar}}`` of one bucket. Every DP rank owns a piece
-    of a bucket unless it is smaller than dp; DP rank 0 (the one that writes) always does."""
-    first = state.get(bucket.pieces[0].view, {}) if bucket.pieces else {}
-    keys = sorted(k for k, v in first.items() if v.shape == bucket.pieces[0].view.shape)
-    flags = torch.tensor([float(bool(first))], device=bucket.params[0].device)
-    bucket.dp.all_reduce_max(flags)  # a rank with no piece still joins the gathers below
-    if not flags.item():
+    """``{param: {key: full tensor or scalar}}`` of one bucket (one all-gather per key)."""
+    first = state.get(bucket.pieces[0].view, {})
+    if not first:  # no step taken yet (on every rank alike)
         return {}
+    keys = sorted(k for k, v in first.items() if v.dim() == 1)  # per element; the rest are scalars
     whole = {k: bucket.gather_state([state[piece.view][k] for piece in bucket.pieces]) for k in keys}
     scalars = {k: v for k, v in first.items() if k not in whole}
     out, start = {}, 0

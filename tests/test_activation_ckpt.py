@@ -6,11 +6,13 @@ plain modules by pattern; bad modes and patterns refused with their names."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytp import activation_ckpt
 from raytp.comm import count_collectives
 from raytp.engine import BuildSpec, build_engine
 from raytp.models import GPTConfig
+from raytp.models.bert import BertConfig
 
 import _dist
 from helpers import mesh
@@ -27,20 +29,34 @@ def _batch():
     return {"input_ids": torch.randint(0, 37, (4, 8), generator=torch.Generator().manual_seed(3))}
 
 
+class _CountGemms(TorchDispatchMode):
+    """How many GEMMs run inside the block (the backward's own and any recomputed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.gemms += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                               torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
 def _grads(spec, batch, replay=True):
-    """Loss, local gradients and the backward's collective count of one step of ``spec`` at tp=2."""
+    """Loss, local gradients, and the backward's collective and GEMM counts of one step of
+    ``spec`` at tp=2."""
     if not replay:  # the recompute draws from where the TP RNG regions got to: other masks
         activation_ckpt._replay, kept = _no_replay, activation_ckpt._replay
     try:
         engine = build_engine(mesh(2), spec)
         engine.forward(batch)
-        with count_collectives() as counter:
+        with count_collectives() as counter, _CountGemms() as gemms:
             engine.backward()
     finally:
         if not replay:
             activation_ckpt._replay = kept
     grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}
-    return engine._loss.item(), grads, counter.count("all_reduce") + counter.count("all_gather")
+    return engine._loss.item(), grads, counter.count("all_reduce") + counter.count("all_gather"), gemms.gemms
 
 
 def _no_replay(tracker, snapshot):
@@ -69,11 +85,13 @@ def _assert_grads(a, b):
 def test_checkpointed_gradients_equal_plain_ones(name):
     for base, out, no_dropout, unreplayed in _dist.run(2, _compare_modes, CONFIGS[name]):
         assert base[0] != no_dropout[0]  # dropout is on
-        for mode, (loss, grads, collectives) in out.items():
+        for mode, (loss, grads, collectives, gemms) in out.items():
             assert loss == base[0], mode
             _assert_grads(grads, base[1])
-            if mode == "full":  # the blocks' forward collectives run again in the backward
-                assert collectives > base[2], (collectives, base[2])
+            if mode == "full":  # the blocks' forward (collectives, GEMMs) runs again in the backward
+                assert collectives > base[2] and gemms > base[3], (collectives, gemms, base[2:])
+            else:  # the GEMM outputs are kept
+                assert gemms == base[3], (gemms, base[3])
         assert unreplayed[0] == base[0]
         with pytest.raises(AssertionError):
             _assert_grads(unreplayed[1], base[1])
@@ -115,10 +133,29 @@ def _plain_modes():
 def test_plain_module_by_pattern():
     for out in _dist.run(2, _plain_modes):
         base = out["None"]
-        for mode, (loss, grads, _) in out.items():
+        for mode, (loss, grads, *_) in out.items():
             assert loss == base[0], mode
             _assert_grads(grads, base[1])
         assert out[str({"blocks.*": "full"})][2] > base[2]
+
+
+def _bert_loss(model, batch):
+    return model(batch["input_ids"]).pow(2).mean()
+
+
+def _bert_modes():
+    config = BertConfig(vocab_size=37, n_layers=2, n_heads=4, d_model=32, max_seq_len=16, dtype="float64",
+                        dropout=0.2)
+    return [_grads(BuildSpec(model=config, loss_fn=_bert_loss, activation_checkpointing=mode), _batch())
+            for mode in (None, "full", "selective")]
+
+
+def test_bert_layers_checkpointed():
+    for base, *out in _dist.run(2, _bert_modes):
+        for loss, grads, *_ in out:
+            assert loss == base[0]
+            _assert_grads(grads, base[1])
+        assert out[0][2] > base[2]
 
 
 def test_wrapped_forward_keeps_names_and_no_grad_path():

@@ -13,7 +13,7 @@ import raytp
 from raytp.comm import count_collectives
 from raytp.engine import BuildSpec, build_engine
 from raytp.models import GPTConfig
-from raytp.zero import ShardedOptimizer
+from raytp.zero import ShardedOptimizer, unsharded
 
 import _dist
 from helpers import mesh
@@ -75,6 +75,33 @@ def test_sharded_adamw_equals_unsharded():
         assert scattered == pytest.approx(grad_bytes, rel=0.01)
         assert 0.45 < b["optimizer_bytes"] / a["optimizer_bytes"] < 0.55, (b["optimizer_bytes"],
                                                                               a["optimizer_bytes"])
+
+
+def _tiny(shard):
+    """A 3-element model at dp=4: the last DP rank owns no element of it."""
+    m = mesh(1, 4)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1).double()
+    optimizer = raytp.SGD(lr=0.1, momentum=0.9, shard_over_dp=shard).build(model.parameters(), mesh=m)
+    for step in range(3):
+        x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        model(x[m.dp_rank:m.dp_rank + 1]).pow(2).sum().backward()
+        if shard:
+            optimizer.sync_grads_and_norm(None)
+        else:
+            raytp.sync_grads(model, m)
+        optimizer.step()
+        optimizer.zero_grad()
+    full = unsharded(optimizer)
+    return [p.detach().clone() for p in model.parameters()], [full.state[p]["momentum_buffer"]
+                                                                for p in model.parameters()]
+
+
+def test_a_rank_may_own_nothing():
+    sharded, plain = _dist.run(4, _tiny, True), _dist.run(4, _tiny, False)
+    for (params, moments), (ref_params, ref_moments) in zip(sharded, plain, strict=True):
+        for a, b in zip(params + moments, ref_params + ref_moments, strict=True):
+            torch.testing.assert_close(a, b, **EXACT)
 
 
 def test_shard_over_dp_is_checked():
