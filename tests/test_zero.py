@@ -165,3 +165,28 @@ def test_checkpoint_loads_at_any_dp(saved, tp, dp, shard, saved_sharded):
             mine = out["params"][name]  # tp=1 has no vocabulary padding
             torch.testing.assert_close(mine, value[:mine.shape[0]], msg=lambda m, n=name: f"{n}: {m}",
                                        **PARITY)
+
+
+def test_driver_builds_sharded_checkpointed_ranks(ray_local, tmp_path):
+    """TPCluster.build(optimizer=AdamW(shard_over_dp=True), activation_checkpointing="full")
+    trains as the plain build (dropout on), saves and loads; a pattern that matches
+    nothing fails the build naming it."""
+    from raytp.driver import RankError
+
+    config = GPTConfig(**{**vars(CONFIG), "dropout": 0.1})
+    batches = [{"input_ids": torch.randint(0, 37, (4, 8), generator=torch.Generator().manual_seed(s)).numpy()}
+               for s in range(4)]
+    losses = {}
+    with raytp.TPCluster(tp=1, dp=2, device="cpu") as cluster:
+        for shard in (False, True):
+            cluster.build(config, optimizer=raytp.AdamW(lr=1e-2, shard_over_dp=shard), seed=0,
+                          activation_checkpointing="full" if shard else None)
+            losses[shard] = [cluster.train_step(b)["loss"] for b in batches[:3]]
+        cluster.save(str(tmp_path / "ckpt"))
+        after = cluster.train_step(batches[3])["loss"]
+        cluster.build(config, optimizer=raytp.AdamW(lr=1e-2), seed=3)
+        cluster.load(str(tmp_path / "ckpt"))
+        assert cluster.train_step(batches[3])["loss"] == pytest.approx(after, rel=1e-12)
+        with pytest.raises(RankError, match="'layer.*' matches no submodule"):
+            cluster.build(config, activation_checkpointing={"layer.*": "full"})
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12)
