@@ -48,7 +48,7 @@ class _Bucket:
     slice of it: ``numel`` padded to ``dp * per_rank``."""
 
     def __init__(self, params: list[torch.Tensor], dp: Communicator):
-        self.params, self.dp = params, dp
+        self.params, self.dp, self.warned = params, dp, False
         self.numel = sum(p.numel() for p in params)
         self.per_rank = -(-self.numel // dp.size)
         lo, hi = dp.rank * self.per_rank, (dp.rank + 1) * self.per_rank
@@ -73,6 +73,10 @@ class _Bucket:
     def reduce_scatter_grads(self) -> None:
         """Each piece's ``.grad``: the DP mean of the gradients over the piece (a missing
         gradient counts as zeros)."""
+        if any(p.grad is None for p in self.params) and not self.warned:
+            self.warned = True  # torch's optimizers skip such a parameter; here it decays
+            log.warning("a trainable parameter has no gradient: the DP-sharded optimizer steps it with "
+                        "zeros (weight decay and momentum still apply)")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self.flat(grads)
         out = flat.new_empty(self.per_rank)
@@ -250,7 +254,7 @@ def _sync_tp_grads(params: list[torch.Tensor]) -> None:
 def _by_dtype(params) -> list[list[torch.Tensor]]:
     out: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
-        if p.numel():
+        if p.numel() and p.requires_grad:  # a frozen parameter gets no state, as in torch's optimizers
             out.setdefault(p.dtype, []).append(p)
     return list(out.values())
 
