@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
-    overlap setting (collective for ``"symm_mem"``), activation checkpointing, the layer tags that name the
-    collectives, and the optimizer over the local shards (none for inference).
-    Every rank of the mesh calls it."""
+    overlap setting (collective for ``"symm_mem"``), activation checkpointing, the
+    layer tags that name the collectives, and the optimizer over the local shards
+    (none for inference; DP-sharded with ``shard_over_dp``). Every rank of the mesh
+    calls it."""
     if not isinstance(spec, BuildSpec):
         raise TypeError(f"build_engine takes a raytp.engine.BuildSpec, got {type(spec).__name__}")
     spec.check_tp(mesh.tp_size)
