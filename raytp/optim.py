@@ -145,15 +145,17 @@ class SGD:
     weight_decay: float = 0.0
     nesterov: bool = False
     no_decay: str | tuple[str, ...] = "default"
+    shard_over_dp: bool = False  # ZeRO-1: see raytp.zero
 
     def __post_init__(self):
         _check_hparams(self)
         check_no_decay(self.no_decay)
 
-    def build(self, params) -> torch.optim.Optimizer:
+    def build(self, params, mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
         """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
-        parameters), grouped as :func:`grouped` says."""
-        return torch.optim.SGD(grouped(params, self.weight_decay, self.no_decay), **_hyper(self))
+        parameters), grouped as :func:`grouped` says; DP-sharded over ``mesh`` with
+        ``shard_over_dp`` (:mod:`raytp.zero`)."""
+        return _make(torch.optim.SGD, self, grouped(params, self.weight_decay, self.no_decay), mesh)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 0.01
     no_decay: str | tuple[str, ...] = "default"
+    shard_over_dp: bool = False  # ZeRO-1: state and update of 1/dp of the shard per DP rank (raytp.zero)
 
     def __post_init__(self):
         _check_hparams(self)
@@ -173,33 +176,42 @@ class AdamW:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must each be in [0, 1)")
 
-    def build(self, params) -> torch.optim.Optimizer:
+    def build(self, params, mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
         """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
-        parameters), grouped as :func:`grouped` says."""
-        return torch.optim.AdamW(grouped(params, self.weight_decay, self.no_decay), **_hyper(self))
+        parameters), grouped as :func:`grouped` says; DP-sharded over ``mesh`` with
+        ``shard_over_dp`` (:mod:`raytp.zero`)."""
+        return _make(torch.optim.AdamW, self, grouped(params, self.weight_decay, self.no_decay), mesh)
 
 
-def _hyper(spec) -> dict:
-    return {k: v for k, v in asdict(spec).items() if k != "no_decay"}
+def _make(inner: type[torch.optim.Optimizer], spec, groups: list, mesh) -> torch.optim.Optimizer:
+    hypers = {k: v for k, v in asdict(spec).items() if k not in ("no_decay", "shard_over_dp")}
+    if spec.shard_over_dp:
+        from raytp.zero import build_sharded
+
+        return build_sharded(inner, groups, hypers, mesh)
+    return inner(groups, **hypers)
 
 
 def _check_hparams(spec) -> None:
+    if not isinstance(spec.shard_over_dp, bool):
+        raise ValueError(f"{type(spec).__name__}: shard_over_dp={spec.shard_over_dp!r} must be True or False")
     for name in ("lr", "weight_decay", "momentum", "eps"):
         value = getattr(spec, name, 0.0)
         if not value >= 0.0:  # also catches NaN
             raise ValueError(f"{type(spec).__name__}: {name}={value} must be >= 0")
 
 
-def build_optimizer(spec, module: nn.Module, masters=None) -> torch.optim.Optimizer:
+def build_optimizer(spec, module: nn.Module, masters=None, mesh: DeviceMesh | None = None
+                    ) -> torch.optim.Optimizer:
     """``spec``'s optimizer over ``module``'s local shards, or over their master copies
     (``masters``, a :class:`raytp.precision.MasterWeights`) under mixed precision. raytp's
     specs (:class:`SGD`, :class:`AdamW`) group the parameters by the modules holding them
     (:func:`param_groups`), the masters as their parameters; any other spec gets the
-    plain parameters (or masters)."""
+    plain parameters (or masters). ``mesh`` is for a DP-sharded optimizer (``shard_over_dp``)."""
     if not isinstance(spec, (SGD, AdamW)):
         return spec.build(masters.masters if masters is not None else module.parameters())
     if masters is None:
-        return spec.build(module)
+        return spec.build(module, mesh=mesh)
     master_of = dict(zip(map(id, masters.params), masters.masters, strict=True))
     groups = param_groups(module, spec.weight_decay, spec.no_decay)
-    return spec.build([{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups])
+    return spec.build([{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups], mesh=mesh)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytp import zero
 from raytp.checkpoint.files import commit_dir, file_record, staging_dir
 from raytp.checkpoint.restore import SavedShards, check_model, load_optimizer_, load_params_, read_rng
 from raytp.checkpoint.sharded import describe, read_index, shard_file, write_index, write_shard
@@ -35,8 +36,10 @@ def save_rank(directory: str | Path, model: nn.Module, optimizer, mesh: DeviceMe
               step: int) -> dict[str, Any]:
     """Write this rank's file into ``directory`` (DP rank 0 only). Returns ``{"files":
     {name: record}, "meta": ...}``; ``meta``, the index's description of the run with
-    the step, comes from global rank 0 only (None elsewhere). No collectives."""
+    the step, comes from global rank 0 only (None elsewhere). No collectives, except the
+    DP all-gathers of a DP-sharded optimizer's state (every rank calls it)."""
     rng = rng_state(_tracker(model), mesh.device)
+    optimizer = zero.unsharded(optimizer)  # a DP-sharded optimizer's state gathered (collective over DP)
     files = write_shard(Path(directory), model, optimizer, mesh, rng)
     meta = {**describe(model, optimizer, mesh), "step": int(step)} if mesh.rank == 0 else None
     return {"files": files, "meta": meta}
@@ -51,7 +54,9 @@ def load_rank(path: str | Path, model: nn.Module, optimizer, mesh: DeviceMesh) -
     with SavedShards(Path(path), index) as shards:
         load_params_(shards, model, mesh)
         if optimizer is not None:
-            load_optimizer_(shards, model, optimizer, mesh)
+            target = zero.unsharded_target(optimizer)
+            load_optimizer_(shards, model, target, mesh)
+            zero.finish_load(optimizer, target)  # a DP-sharded optimizer keeps its slice
         rng, own = read_rng(shards, mesh.tp_rank, mesh.tp_size)
     set_rng_state(rng, _tracker(model), mesh.device, same_tp_rank=own)
     log.info("loaded %s (saved at tp=%d) at tp rank %d/%d", path, index["tp"], mesh.tp_rank, mesh.tp_size)

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from raytp import tracing
+from raytp.activation_ckpt import apply_activation_checkpointing
 from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
@@ -21,19 +22,20 @@ log = logging.getLogger(__name__)
 
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
-    overlap setting (collective for ``"symm_mem"``), the layer tags that name the
-    collectives, the precision policy (master weights), and the optimizer over the
-    local shards or their masters (none for inference).
-    Every rank of the mesh calls it."""
+    overlap setting (collective for ``"symm_mem"``), activation checkpointing, the
+    layer tags that name the collectives, the precision policy (master weights), and
+    the optimizer over the local shards or their masters (none for inference;
+    DP-sharded with ``shard_over_dp``). Every rank of the mesh calls it."""
     if not isinstance(spec, BuildSpec):
         raise TypeError(f"build_engine takes a raytp.engine.BuildSpec, got {type(spec).__name__}")
     spec.check_tp(mesh.tp_size)
     module = spec.make_module(mesh.device, mesh)
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
+    apply_activation_checkpointing(module, spec.activation_checkpointing)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
     masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
-    optimizer = build_optimizer(spec.optimizer, module, masters) if spec.trains else None
+    optimizer = build_optimizer(spec.optimizer, module, masters, mesh) if spec.trains else None
     return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
                       on_nan=spec.on_nan, lr_schedule=spec.lr_schedule, masters=masters,
                       micro_batches=spec.micro_batches)

@@ -204,12 +204,7 @@ class RankEngine:
             params = self._grad_params()
             accumulate.scale_grads_(params, self._grad_scale)
             poison_grads_if_nonfinite_(params, self._loss)
-            if self.masters is not None:
-                self.masters.sync_grads(self.mesh)  # in the policy's reduce_dtype
-            else:
-                sync_grads(params, self.mesh)
-            norm = (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
-                    else grad_norm(params, self.mesh))
+            norm = self._sync_grads_and_norm(params)
             finite = bool(torch.isfinite(norm))  # the same on every rank: the norm is global
             lr = set_lr_(self.optimizer, self._base_lrs, self.lr_schedule, self.step_count)
             if finite:
@@ -226,6 +221,20 @@ class RankEngine:
         self._loss, self._pending = None, {}
         self.step_count += 1
         return metrics
+
+    def _sync_grads_and_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Whole gradients of ``params`` (TP partial sums, DP mean; in the precision
+        policy's ``reduce_dtype``), clipped to ``max_grad_norm``; their global norm. A
+        DP-sharded optimizer (:mod:`raytp.zero`) reduce-scatters them instead."""
+        sharded = getattr(self.optimizer, "sync_grads_and_norm", None)
+        if sharded is not None:
+            return sharded(self.max_grad_norm)
+        if self.masters is not None:
+            self.masters.sync_grads(self.mesh)
+        else:
+            sync_grads(params, self.mesh)
+        return (clip_grad_norm_(params, self.max_grad_norm, self.mesh) if self.max_grad_norm
+                else grad_norm(params, self.mesh))
 
     def _drop_step(self, norm) -> NonFiniteLoss:
         """Forget the step that is not taken; the error that names it."""

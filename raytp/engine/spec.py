@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytp.activation_ckpt import check_mode
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
@@ -43,6 +44,8 @@ class BuildSpec:
       master weights of its ``master_dtype``; see :mod:`raytp.precision`), or None.
     - ``micro_batches``: split each DP group's batch into this many micro-batches, one
       optimizer step per batch, the loss the whole batch's mean (:mod:`raytp.engine.accumulate`).
+    - ``activation_checkpointing``: ``"full"`` or ``"selective"`` per transformer block of a
+      raytp model, or ``{pattern: mode}`` per submodule (see :mod:`raytp.activation_ckpt`).
     """
 
     model: Any
@@ -56,6 +59,7 @@ class BuildSpec:
     lr_schedule: Schedule | None = None
     precision: MixedPrecision | None = None
     micro_batches: int = 1
+    activation_checkpointing: str | Mapping[str, str] | None = None
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -70,6 +74,11 @@ class BuildSpec:
         if self.lr_schedule is not None and self.optimizer is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
                              "builds inference-only ranks")
+        check_mode(self.activation_checkpointing)
+        if self.precision is not None and getattr(self.optimizer, "shard_over_dp", False):
+            raise ValueError(f"precision={self.precision!r} with shard_over_dp=True is not supported yet: "
+                             "the DP-sharded optimizer would keep whole master weights on every rank; "
+                             "use one of the two")
         if self.plan is not None and not isinstance(self.plan, Mapping):
             raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
                             f"{type(self.plan).__name__}")
