@@ -177,3 +177,25 @@ def _busy(row: dict, phase: str) -> float | None:
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_bytes(model: torch.nn.Module, optimizer, masters: list | None,
+                 device: torch.device) -> dict[str, int]:
+    """Bytes one rank holds in ``model``'s parameters and gradients, ``optimizer``'s state
+    tensors and the master weights ``masters`` (if any); on CUDA also everything the
+    caching allocator has handed out (``allocated_bytes``)."""
+    params = list(model.parameters())
+    states = optimizer.state.values() if optimizer is not None else ()
+    out = {"param_bytes": _nbytes(params),
+           "grad_bytes": _nbytes(p.grad for p in params if p.grad is not None),
+           "optimizer_bytes": _nbytes(t for state in states for t in state.values()
+                                      if isinstance(t, torch.Tensor))}
+    if masters is not None:
+        out["master_bytes"] = _nbytes(masters)
+    if device.type == "cuda":
+        out["allocated_bytes"] = torch.cuda.memory_allocated(device)
+    return out

@@ -53,3 +53,32 @@ def batch_items(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     samples = int(first.shape[0]) if first.dim() else 1
     ids = batch.get("input_ids")
     return samples, int(ids.numel()) if ids is not None else samples
+
+
+class BatchFeed:
+    """Batches onto one rank's device, copied on the data ``stream``: the next step's
+    batch can be copied ahead (:meth:`prefetch`) while this step runs."""
+
+    def __init__(self, device: torch.device, stream=None):
+        self.device, self.stream = device, stream
+        self._prefetched: tuple | None = None  # (batch id, tensors, copies in flight)
+
+    def prefetch(self, batch: Mapping[str, Any], batch_id: int) -> None:
+        self._prefetched = (batch_id, *to_device(batch, self.device, self.stream))
+
+    def get(self, batch, batch_id) -> dict[str, torch.Tensor]:
+        """``batch`` on the device: the prefetched copy when it is this batch."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or batch_id is None or prefetched[0] != batch_id:
+            return self.now(batch)
+        tensors, pending = prefetched[1:]
+        for work in pending:
+            work.wait()
+        return tensors
+
+    def now(self, batch) -> dict[str, torch.Tensor]:
+        """``batch`` on the device, copied now (any prefetched batch is kept)."""
+        tensors, pending = to_device(batch, self.device, self.stream)
+        for work in pending:
+            work.wait()
+        return tensors

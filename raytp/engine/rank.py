@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from raytp.checkpoint import load_rank, save_rank
-from raytp.comm import count_collectives
 from raytp.dtensor import gather_parameter
 from raytp.engine import accumulate
-from raytp.engine.batches import batch_items, default_loss, to_device
+from raytp.engine.batches import BatchFeed, batch_items, default_loss
+from raytp.engine.clock import StepClock
 from raytp.engine.spec import ON_NAN
 from raytp.mesh import DeviceMesh
-from raytp.metrics import PhaseTimer, flops_per_item, peak_memory_bytes, reset_peak_memory, throughput
+from raytp.metrics import flops_per_item, memory_bytes, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
 from raytp.precision import MasterWeights
 from raytp.random import rng_state, set_rng_state
@@ -89,15 +89,12 @@ class RankEngine:
         self._to_backward: torch.Tensor | None = None  # what backward() back-propagates
         self._grad_scale = 1.0  # what the step multiplies the gradients by (accumulation)
         self.flops_per_item = flops_per_item(model)
-        self.timer = PhaseTimer(mesh.device)
+        self.clock = StepClock(mesh.device)
         self.step_count = 0
         self._loss: torch.Tensor | None = None
         self._pending: dict[str, Any] = {}
-        self._prefetched: tuple | None = None  # (batch id, tensors, copies in flight)
-        self._phase_starts: dict[str, float] = {}  # host time.time() at each phase's start
+        self.feed = BatchFeed(mesh.device, mesh.streams.data)
         self.phase: str | None = None  # the phase running now (read by RankActor.where)
-        self._began = self._last_end = None  # host times of this step's start, the last step's end
-        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
 
     def _compute_loss(self, batch):
         return accumulate.loss_parts(self.loss_fn(self.model, batch), batch)
@@ -137,33 +134,12 @@ class RankEngine:
     @contextmanager
     def _phase(self, name: str):
         """Time the phase and count its collectives into this step's totals."""
-        self._phase_starts[name] = time.time()
-        with self._named(name), self.timer.phase(name), count_collectives() as counter:
+        with self._named(name), self.clock.phase(name):
             yield
-        self._comm["comm_bytes"] += counter.total_bytes
-        self._comm["comm_s"] += counter.seconds
-        self._comm[f"{name}_comm_s"] = self._comm.get(f"{name}_comm_s", 0.0) + counter.seconds
-        self._comm["collectives"] += counter.count()
 
     def prefetch(self, batch: Mapping[str, Any], batch_id: int) -> None:
         """Start copying the batch that the next step will use (on the data stream)."""
-        self._prefetched = (batch_id, *to_device(batch, self.mesh.device, self.mesh.streams.data))
-
-    def _device_batch(self, batch, batch_id) -> dict[str, torch.Tensor]:
-        """The batch on this rank's device: the prefetched copy when it is this batch."""
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is None or batch_id is None or prefetched[0] != batch_id:
-            return self._copy_now(batch)
-        tensors, pending = prefetched[1:]
-        for work in pending:
-            work.wait()
-        return tensors
-
-    def _copy_now(self, batch) -> dict[str, torch.Tensor]:
-        tensors, pending = to_device(batch, self.mesh.device, self.mesh.streams.data)
-        for work in pending:
-            work.wait()
-        return tensors
+        self.feed.prefetch(batch, batch_id)
 
     @property
     def trains(self) -> bool:
@@ -178,9 +154,9 @@ class RankEngine:
         """The loss of ``batch``, kept with its graph for :meth:`backward` (without a
         graph on an inference-only rank)."""
         reset_peak_memory(self.mesh.device)
-        self._began = time.time()
+        self.clock.begin()
         self.model.train(self.trains)  # an inference-only rank's forward runs as evaluate's
-        batch = self._device_batch(batch, batch_id)
+        batch = self.feed.get(batch, batch_id)
         with self._phase("forward"), torch.set_grad_enabled(self.trains):
             self._loss, extras = self._micro_batches(batch, backward=self.trains)
         self._pending.update(batch_items=batch_items(batch), extras=extras)
@@ -239,10 +215,8 @@ class RankEngine:
     def _drop_step(self, norm) -> NonFiniteLoss:
         """Forget the step that is not taken; the error that names it."""
         loss, step = self._loss.item(), self.step_count
-        self.timer.collect()
-        self._host_times()
+        self.clock.finish()
         self._loss, self._pending = None, {}
-        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
         if not np.isfinite(loss):
             return NonFiniteLoss(f"loss is {loss} at step {step}; the optimizer step was not taken "
                                  "(build(..., on_nan='skip') skips such steps)")
@@ -271,24 +245,15 @@ class RankEngine:
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         self.model.eval()
-        batch = self._copy_now(batch)  # keeps any prefetched batch
+        batch = self.feed.now(batch)  # keeps any prefetched batch
         loss, extras = self._micro_batches(batch, backward=False)
         return {"loss": loss.item(), **extras}
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds in parameters, gradients and optimizer state (and, on
-        CUDA, everything the caching allocator has handed out)."""
-        params = list(self.model.parameters())
-        states = self.optimizer.state.values() if self.optimizer is not None else ()
-        out = {"param_bytes": _nbytes(params),
-               "grad_bytes": _nbytes(p.grad for p in params if p.grad is not None),
-               "optimizer_bytes": _nbytes(t for state in states for t in state.values()
-                                          if isinstance(t, torch.Tensor))}
-        if self.masters is not None:
-            out["master_bytes"] = _nbytes(self.masters.masters)
-        if self.mesh.device.type == "cuda":
-            out["allocated_bytes"] = torch.cuda.memory_allocated(self.mesh.device)
-        return out
+        """Bytes this rank holds in parameters, gradients, optimizer state and master
+        weights (and, on CUDA, everything the caching allocator has handed out)."""
+        masters = self.masters.masters if self.masters is not None else None
+        return memory_bytes(self.model, self.optimizer, masters, self.mesh.device)
 
     def gather(self, name: str) -> torch.Tensor:
         """The full parameter ``name`` on the CPU, from this rank's DTensor view of it (the
@@ -330,7 +295,7 @@ class RankEngine:
         return export_hf(self.weights, self.mesh, directory, dtype=dtype)
 
     def _step_metrics(self, norm) -> dict[str, Any]:
-        seconds = self.timer.collect()
+        seconds, host = self.clock.finish()
         step_s = sum(seconds.values())
         samples, tokens = self._pending["batch_items"]
         items = tokens if tokens != samples else samples
@@ -348,24 +313,7 @@ class RankEngine:
             "mfu": rates["mfu"],
             "grad_norm": norm.item(),
             "peak_mem_bytes": peak_memory_bytes(self.mesh.device),
-            **self._comm,
-            **self._host_times(),
+            **host,
             **self._pending["extras"],
         }
-        self._comm = {"comm_bytes": 0, "comm_s": 0.0, "collectives": 0}
         return metrics
-
-    def _host_times(self) -> dict[str, Any]:
-        """Host clock of the step: its start and end (``time.time()``), the wall time in
-        between, each phase's start, and how long the rank sat idle since its last step
-        (waiting for the driver's next call)."""
-        end = time.time()
-        idle = self._began - self._last_end if self._last_end is not None else None
-        times = {"t_begin": self._began, "t_end": end, "host_s": end - self._began, "idle_s": idle,
-                 "phase_starts": dict(self._phase_starts)}
-        self._last_end, self._phase_starts = end, {}
-        return times
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
