@@ -8,14 +8,15 @@ import os
 import tempfile
 from pathlib import Path
 
-import nets
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from nets import PLAN, Net, reference_losses
 
 import raytp
+
+import nets
+from nets import PLAN, Net, reference_losses
 
 RAY_BY_VALUE = (nets,)
 

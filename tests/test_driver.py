@@ -4,14 +4,15 @@ phases, metrics, and the errors a user meets first."""
 import re
 import time
 
-import nets
 import numpy as np
 import pytest
 import torch.nn.functional as F
-from nets import PLAN, Net, make_batches, reference_losses
 
 import raytp
 from raytp.driver import ClusterResourceError, RankError
+
+import nets
+from nets import PLAN, Net, make_batches, reference_losses
 
 ray = pytest.importorskip("ray")
 

@@ -10,16 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nets
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import PLAN, Net
 
 import raytp
 from raytp.driver import RankError
 from raytp.engine import BuildSpec, InferenceOnly
+
+import nets
+from nets import PLAN, Net
 
 ray = pytest.importorskip("ray")
 

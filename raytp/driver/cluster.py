@@ -189,14 +189,14 @@ class TPCluster:
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
             eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
-            progress: bool = True) -> list[dict]:
-        """Train on ``batches`` (at most ``steps`` of them) with a progress bar showing the
-        step, the loss and the throughput; evaluate ``eval_batch`` every ``eval_every``
-        steps. Step k+1 is submitted before step k's metrics are read, so the ranks never
-        wait for the driver. Returns the per-step history."""
+            progress: bool = True, log_dir: str | None = None) -> list[dict]:
+        """Train on ``batches`` (at most ``steps`` of them) with a progress bar (step, loss,
+        lr, throughput); evaluate ``eval_batch`` every ``eval_every`` steps; with ``log_dir``,
+        write TensorBoard event files there (:mod:`raytp.driver.tensorboard`). Step k+1 is
+        submitted before step k's metrics are read. Returns the per-step history."""
         self._need_training("fit")
         return fit_loop(self, batches, steps=steps, eval_batch=eval_batch, eval_every=eval_every,
-                        progress=progress)
+                        progress=progress, log_dir=log_dir)
 
     def _submit(self, phase: str, args: list[tuple] | None = None, finish=None,
                 after: list[Pending] | None = None, training: bool = False) -> Pending:

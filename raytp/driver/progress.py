@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from raytp.driver.errors import RECOVERABLE, ClusterFailed
 from raytp.driver.recovery import Replay
+from raytp.driver.tensorboard import TensorBoardLogger
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ def _postfix(summary: dict) -> dict[str, str]:
 
 
 def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None,
-             eval_batch: Mapping[str, Any] | None, eval_every: int, progress: bool) -> list[dict]:
+             eval_batch: Mapping[str, Any] | None, eval_every: int, progress: bool,
+             log_dir: str | None = None) -> list[dict]:
     """Submit step k+1 (and the evaluation due after it), then read step k, so that the
     ranks always have work queued. Saves a checkpoint every ``checkpoint_every`` steps;
     after a rank failure, rebuilds the ranks from the last one and replays the batches
-    since (at most ``max_failures`` times). Returns one summary per step.
+    since (at most ``max_failures`` times). With ``log_dir``, each step's summary (and
+    evaluation) goes into TensorBoard event files there. Returns one summary per step.
 
     On KeyboardInterrupt the work already submitted is allowed to finish, so the model
     on the ranks stays consistent and the cluster usable; the interrupt is then
@@ -45,7 +48,8 @@ def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None
     total = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     replay = Replay(islice(batches, steps), keep=cluster.recovery.max_failures > 0)
-    run = _Run(cluster, replay, bar, eval_batch, eval_every)
+    loggers = [TensorBoardLogger(log_dir)] if log_dir is not None else []
+    run = _Run(cluster, replay, bar, eval_batch, eval_every, loggers)
     try:
         while True:
             try:
@@ -55,12 +59,14 @@ def fit_loop(cluster, batches: Iterable[Mapping[str, Any]], *, steps: int | None
                 _recover(cluster, replay, bar, error, run.base)
     finally:
         bar.close()
+        for logger in loggers:
+            logger.close()
     return [run.summaries[k] for k in sorted(run.summaries)]
 
 
 class _Run:
-    def __init__(self, cluster, replay, bar, eval_batch, eval_every):
-        self.cluster, self.replay, self.bar = cluster, replay, bar
+    def __init__(self, cluster, replay, bar, eval_batch, eval_every, loggers):
+        self.cluster, self.replay, self.bar, self.loggers = cluster, replay, bar, loggers
         self.eval_batch, self.eval_every = eval_batch, eval_every
         self.base = cluster.data_position  # the data position where this fit() started
         self.summaries: dict[int, dict] = {}
@@ -97,6 +103,8 @@ class _Run:
         if evaluation is not None:
             summary["eval_loss"] = evaluation.result()["loss"]
         self.summaries[summary["step"]] = summary
+        for logger in self.loggers:
+            logger.on_step(summary)
         self.bar.set_postfix(_postfix(summary), refresh=False)
         self.bar.update(1)
         self._checkpoint(summary["step"] + 1)
