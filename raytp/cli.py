@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     control.add_argument("--steps", type=int, default=30)
     control.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     control.add_argument("--json", default=None, help="write the results here")
+    recipe = modes.add_parser("recipe", help="the training recipe's settings on one model: bf16, mixed "
+                                             "precision, activation checkpointing, compile")
+    recipe.add_argument("--tp", type=int, default=1)
+    recipe.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    recipe.add_argument("--quick", action="store_true", help="a tiny model (CPU smoke test)")
+    recipe.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    recipe.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    recipe.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -43,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
         control_main(tp=args.tp, sizes=tuple(args.sizes), tokens=args.tokens, steps=args.steps,
                      device=args.device, json_path=args.json)
+        return 0
+    if args.command == "bench" and args.mode == "recipe":
+        from raytp.bench.recipe import run as recipe_run
+
+        recipe_run(tp=args.tp, device=args.device, quick=args.quick, warmup=args.warmup, steps=args.steps,
+                   json_path=args.json, command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
         return 0
     if args.command == "bench":
         return _bench(args, argv)

@@ -168,6 +168,7 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 0.01
     no_decay: str | tuple[str, ...] = "default"
+    fused: bool | None = None  # torch's fused CUDA kernel (None: torch's default)
     shard_over_dp: bool = False  # ZeRO-1: state and update of 1/dp of the shard per DP rank (raytp.zero)
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,20 @@ def test_contenders_agree_on_two_gpus(name):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_recipe_bench_runs_every_setting_on_cpu(ray_local, tmp_path):
+    """raytp bench recipe --quick: each recipe setting trains the same tiny Llama on CPU
+    ranks, and the report has a row per setting."""
+    from raytp.cli import main
+
+    path = tmp_path / "recipe.json"
+    assert main(["bench", "recipe", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "0",
+                 "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert {"bf16", "mixed", "mixed+selective", "mixed+full"} <= set(report["settings"])
+    for row in report["settings"].values():
+        assert row["ms_per_step"] > 0 and np.isfinite(row["loss"])
+    # checkpointing recomputes, it does not change the step: the same losses as mixed alone
+    mixed = report["settings"]["mixed"]["loss"]
+    assert report["settings"]["mixed+full"]["loss"] == report["settings"]["mixed+selective"]["loss"] == mixed
