@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     recipe.add_argument("--quick", action="store_true", help="a tiny model (CPU smoke test)")
     recipe.add_argument("--steps", type=int, default=10, help="timed steps per setting")
-    recipe.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    recipe.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     recipe.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -220,7 +220,7 @@ def test_recipe_bench_runs_every_setting_on_cpu(ray_local, tmp_path):
     from raytp.cli import main
 
     path = tmp_path / "recipe.json"
-    assert main(["bench", "recipe", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "0",
+    assert main(["bench", "recipe", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "1",
                  "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert {"bf16", "mixed", "mixed+selective", "mixed+full"} <= set(report["settings"])

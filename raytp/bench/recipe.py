@@ -52,7 +52,8 @@ def _median(rows: list[dict], key: str):
 
 def measure(cluster, options: dict, batch: dict, warmup: int, steps: int) -> dict:
     cluster.build(optimizer=raytp.AdamW(lr=1e-4, fused=cluster.device == "cuda"), seed=0, **options)
-    for _ in range(warmup):
+    first = cluster.train_step(batch)  # the same weights and batch in every setting
+    for _ in range(warmup - 1):
         cluster.train_step(batch)
     rows = [cluster.train_step(batch) for _ in range(steps)]
     held = cluster.run("memory_bytes")[0].get("allocated_bytes")  # params, masters, optimizer state
@@ -60,7 +61,7 @@ def measure(cluster, options: dict, batch: dict, warmup: int, steps: int) -> dic
     return {"ms_per_step": _median(rows, "step_s") * 1e3, "tflops": _median(rows, "tflops"),
             "mfu": _median(rows, "mfu"), "peak_mem_gib": peak / 2**30,
             "activation_gib": (peak - held) / 2**30 if held is not None and peak else None,
-            "loss": rows[-1]["loss"]}
+            "first_loss": first["loss"], "first_grad_norm": first["grad_norm"], "loss": rows[-1]["loss"]}
 
 
 def run(tp: int = 1, device: str = "auto", quick: bool = False, warmup: int = 3, steps: int = 10,
@@ -88,12 +89,12 @@ def table(report: dict) -> str:
     base = report["settings"]["bf16"]["ms_per_step"]
     lines = [f"`{report['command']}` on {report['device']}, tp={report['tp']}, "
              f"{report['tokens_per_step']} tokens/step, model {report['model']}", "",
-             "| setting | ms/step | vs bf16 | TFLOP/s | MFU | peak GiB | activation GiB | last loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | ms/step | vs bf16 | TFLOP/s | MFU | peak GiB | activation GiB | step-1 loss | "
+             "step-1 grad norm | last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["settings"].items():
         cells = [f"{r['ms_per_step']:.1f}", f"{r['ms_per_step'] / base:.3f}x", _fmt(r["tflops"], "{:.0f}"),
                  _fmt(r["mfu"], "{:.1%}"), f"{r['peak_mem_gib']:.2f}", _fmt(r["activation_gib"], "{:.2f}"),
-                 f"{r['loss']:.4f}"]
+                 f"{r['first_loss']:.6f}", f"{r['first_grad_norm']:.6f}", f"{r['loss']:.4f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
