@@ -13,6 +13,28 @@ def _load(name):
     return module
 
 
+def test_train_gpt_recipe_resumes_with_the_same_losses(tmp_path, monkeypatch):
+    """--recipe (BPE tokens, warmup-cosine, two micro-batches, checkpoints, TensorBoard) at
+    tp=2 on CPU ranks: a run stopped after 12 of 24 steps and resumed from its checkpoint
+    takes steps 12..23 exactly as the uninterrupted run does."""
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    train_gpt = _load("train_gpt")
+    small = {"tp": 2, "steps": 24, "d_model": 32, "n_layers": 2, "seq": 32, "batch": 8, "device": "cpu",
+             "progress": False, "recipe": True, "vocab": 384, "ckpt_every": 12}
+    whole = train_gpt.main(**small, png=str(tmp_path / "whole.png"), ckpt=str(tmp_path / "a"),
+                           log_dir=str(tmp_path / "tb"))
+    first = train_gpt.main(**small, png="", ckpt=str(tmp_path / "b"), stop_after=12)
+    rest = train_gpt.main(**small, png="", ckpt=str(tmp_path / "b"), resume=True)
+    assert [h["step"] for h in whole["history"]] == list(range(24))
+    assert len(first["history"]) == 12 and rest["resumed_at"] == 12
+    assert [h["step"] for h in rest["history"]] == list(range(12, 24))
+    for key in ("loss", "lr"):
+        assert [h[key] for h in rest["history"]] == [h[key] for h in whole["history"][12:]], key
+    lrs = [h["lr"] for h in whole["history"]]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warmup, then decay
+    assert (tmp_path / "whole.png").stat().st_size > 10_000 and any((tmp_path / "tb").iterdir())
+
+
 def test_train_gpt_learns_below_the_unigram_entropy(tmp_path, monkeypatch):
     """A byte-level GPT at tp=2 on CPU ranks: after 120 short steps the held-out loss is
     well below the entropy of the byte distribution, and it writes its plot and a sample."""
