@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from raytp import tracing
+from raytp.compile import compile_blocks
 from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
-    overlap setting (collective for ``"symm_mem"``), the layer tags that name the
+    overlap setting (collective for ``"symm_mem"``), the compiled blocks, the layer tags that name the
     collectives, the precision policy (master weights), and the optimizer over the
     local shards or their masters (none for inference).
     Every rank of the mesh calls it."""
@@ -31,6 +32,7 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     module = spec.make_module(mesh.device, mesh)
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
+    compile_blocks(module, spec.compile, mesh)  # in place: names and tags as in eager mode
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
     masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
     optimizer = build_optimizer(spec.optimizer, module, masters) if spec.trains else None

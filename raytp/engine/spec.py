@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytp.compile import CompileOptions, compile_options
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
@@ -43,6 +44,10 @@ class BuildSpec:
       master weights of its ``master_dtype``; see :mod:`raytp.precision`), or None.
     - ``micro_batches``: split each DP group's batch into this many micro-batches, one
       optimizer step per batch, the loss the whole batch's mean (:mod:`raytp.engine.accumulate`).
+    - ``compile``: ``torch.compile`` each transformer block in place (True), the submodules a
+      dict ``{fnmatch pattern: True}`` or a tuple of patterns names, or as a
+      :class:`raytp.compile.CompileOptions` says; a plain module without blocks is compiled whole.
+      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`).
     """
 
     model: Any
@@ -56,6 +61,7 @@ class BuildSpec:
     lr_schedule: Schedule | None = None
     precision: MixedPrecision | None = None
     micro_batches: int = 1
+    compile: bool | Mapping | tuple | CompileOptions = False
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -66,6 +72,7 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
+        compile_options(self.compile)  # a ValueError naming a value it does not take
         check_schedule(self.lr_schedule)
         if self.lr_schedule is not None and self.optimizer is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
