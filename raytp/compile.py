@@ -9,9 +9,16 @@ so layer tags, checkpoints and optimizers see the same model.
 raytp's collectives are marked ``torch.compiler.disable`` (:mod:`raytp.comm`): a
 compiled block graph-breaks around each one, the compute between them is compiled,
 and each collective still runs through its :class:`~raytp.comm.Communicator`, counted
-as in eager mode. A part whose compilation fails (``torch.compile`` compiles at the
-first call, so at its first forward) logs one warning with the reason and runs eager
-from then on.
+as in eager mode. So are the layer-tag hooks (:mod:`raytp.tracing`) and the dropout RNG
+forks, which makes a TP layer's GEMM its own graph and the norms, activations,
+residual adds and attention between them the fused parts. Dropout masks under
+``inductor`` are inductor's random numbers, not eager's (``aot_eager`` draws eager's).
+
+A part whose compilation fails (``torch.compile`` compiles at a part's first call, or
+a recompile) logs one warning with the reason and runs eager from then on; the failed
+call is re-run eager, so collectives issued before the failure are issued again (the
+same on every rank when the failure is, as compile errors are, the same on every
+rank). An error that eager mode raises too is raised, and the part stays compiled.
 """
 
 from __future__ import annotations
@@ -141,10 +148,11 @@ def _compile_part(part: nn.Module, name: str, options: CompileOptions, where: st
     def guarded(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
-        except Exception as exc:
-            out = part._call_impl(*args, **kwargs)  # a real error of the forward raises here
-            _fall_back(part, name, exc, where)
-            return out
+        except Exception as exc:  # noqa: BLE001 - eager mode tells a compile error from the forward's
+            failure = exc
+        out = part._call_impl(*args, **kwargs)  # an error of the forward itself raises here
+        _fall_back(part, name, failure, where)
+        return out
 
     part._compiled_call_impl = guarded
 

@@ -15,7 +15,7 @@ import raytp
 from raytp.comm import count_collectives
 from raytp.compile import CompileOptions, compile_blocks, compile_options
 from raytp.engine import BuildSpec, build_engine
-from raytp.models import GPTConfig
+from raytp.models import BertConfig, GPTConfig
 from raytp.nn.kernels import AsyncInputGrad, kernel_layers
 
 import _dist
@@ -94,6 +94,29 @@ def test_compiled_gpt_trains_as_eager_with_the_same_collectives(name):
         assert kinds.count(per_block) >= 4 * config.n_layers
         last = f"layers.{config.n_layers - 1}.mlp"  # tags name the layers inside the compiled blocks
         assert any(tag and tag.startswith(last) for _, _, tag in collectives[0])
+
+
+def _bert_compiled_vs_eager():
+    rank, n = world()
+    config = BertConfig(vocab_size=40, n_layers=2, n_heads=4, d_model=32, max_seq_len=16)
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    results = []
+    for compile in (False, AOT):
+        torch.manual_seed(0)
+        model = config.build(mesh(n))
+        assert list(compile_blocks(model, compile)) == ([] if not compile else ["layers.0", "layers.1"])
+        with count_collectives() as counter:
+            hidden = model(ids, mask)
+            (hidden * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append((hidden.detach(), {k: p.grad for k, p in model.named_parameters()}, counter.by_kind()))
+    torch.testing.assert_close(results[1][:2], results[0][:2], **F32)
+    assert results[1][2] == results[0][2] and results[0][2]
+
+
+def test_compiled_bert_blocks_match_eager():
+    _dist.run(2, _bert_compiled_vs_eager)
 
 
 def test_an_option_it_does_not_take_is_a_value_error():
