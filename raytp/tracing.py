@@ -8,6 +8,7 @@ forward's label), so that a stuck rank can be reported as, for example,
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from raytp.comm.counter import comm_tag
@@ -20,19 +21,21 @@ def tag_submodules(model: nn.Module) -> list:
     handles = []
     for name, module in model.named_modules():
         if name and hasattr(module, "mesh") and not any(True for _ in module.children()):
-            handles.append(module.register_forward_pre_hook(_enter(name)))
+            module._raytp_name = name
+            handles.append(module.register_forward_pre_hook(_enter))
             handles.append(module.register_forward_hook(_leave))
     return handles
 
 
-def _enter(name: str):
-    def hook(module, args):
-        module._raytp_tag = comm_tag(name)
-        module._raytp_tag.__enter__()
+# Both hooks are one function for every layer, opaque to torch.compile: a compiled block
+# calls them eager, and is not recompiled for each layer's name (raytp.compile).
+@torch.compiler.disable
+def _enter(module, args):
+    module._raytp_tag = comm_tag(module._raytp_name)
+    module._raytp_tag.__enter__()
 
-    return hook
 
-
+@torch.compiler.disable
 def _leave(module, args, output):
     tag = getattr(module, "_raytp_tag", None)
     if tag is not None:

@@ -5,6 +5,7 @@ collectives among them. Every op takes contiguous tensors and works along dim 0;
 the dim-aware helpers in :mod:`raytp.comm.functional` build on these. Each op is
 reported to the collective counter before it is issued, and the last op entered
 is kept in :attr:`Communicator.last_entered` so a stuck rank can say where it is.
+Under ``torch.compile`` every op is a graph break: it runs eager, and is counted.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Communicator(ABC):
     @abstractmethod
     def device(self) -> torch.device: ...
 
+    @torch.compiler.disable  # under torch.compile a graph break: the collective runs eager, counted
     def _issue(self, kind, tensor, launch, async_op, nbytes=None):
         self.seq += 1
         nbytes = tensor.numel() * tensor.element_size() if nbytes is None else nbytes

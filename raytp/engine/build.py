@@ -8,6 +8,7 @@ from typing import Any
 
 from raytp import tracing
 from raytp.activation_ckpt import apply_activation_checkpointing
+from raytp.compile import compile_blocks
 from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
 from raytp.mesh import DeviceMesh
@@ -22,16 +23,17 @@ log = logging.getLogger(__name__)
 
 def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     """The rank of ``mesh`` built as ``spec`` says: the seeded model shard, the
-    overlap setting (collective for ``"symm_mem"``), activation checkpointing, the
-    layer tags that name the collectives, the precision policy (master weights), and
-    the optimizer over the local shards or their masters (none for inference;
-    DP-sharded with ``shard_over_dp``). Every rank of the mesh calls it."""
+    overlap setting (collective for ``"symm_mem"``), the compiled blocks, activation
+    checkpointing, the layer tags that name the collectives, the precision policy
+    (master weights), and the optimizer over the local shards or their masters (none
+    for inference; DP-sharded with ``shard_over_dp``). Every rank of the mesh calls it."""
     if not isinstance(spec, BuildSpec):
         raise TypeError(f"build_engine takes a raytp.engine.BuildSpec, got {type(spec).__name__}")
     spec.check_tp(mesh.tp_size)
     module = spec.make_module(mesh.device, mesh)
     if spec.overlap is not None:
         apply_overlap(module, spec.overlap)
+    compile_blocks(module, spec.compile, mesh)
     apply_activation_checkpointing(module, spec.activation_checkpointing)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
     masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from raytp.activation_ckpt import check_mode
+from raytp.compile import CompileOptions, compile_options
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
@@ -46,6 +47,10 @@ class BuildSpec:
       optimizer step per batch, the loss the whole batch's mean (:mod:`raytp.engine.accumulate`).
     - ``activation_checkpointing``: ``"full"`` or ``"selective"`` per transformer block of a
       raytp model, or ``{pattern: mode}`` per submodule (see :mod:`raytp.activation_ckpt`).
+    - ``compile``: ``torch.compile`` each transformer block in place (True), the submodules a
+      dict ``{fnmatch pattern: True}`` or a tuple of patterns names, or as a
+      :class:`raytp.compile.CompileOptions` says; a plain module without blocks is compiled whole.
+      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`).
     """
 
     model: Any
@@ -60,6 +65,7 @@ class BuildSpec:
     precision: MixedPrecision | None = None
     micro_batches: int = 1
     activation_checkpointing: str | Mapping[str, str] | None = None
+    compile: bool | Mapping | tuple | CompileOptions = False
 
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
@@ -70,6 +76,11 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
+        compile_options(self.compile)  # a ValueError naming a value it does not take
+        if self.compile and self.activation_checkpointing:
+            raise ValueError(f"compile={self.compile!r} with activation_checkpointing="
+                             f"{self.activation_checkpointing!r} is not supported yet (untested together): "
+                             "use one of the two")
         check_schedule(self.lr_schedule)
         if self.lr_schedule is not None and self.optimizer is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from raytp.comm.backend import Communicator
 from raytp.comm.counter import backward_tag, current_tag
+from raytp.comm.ops import _eager  # a graph break under torch.compile
 
 SEQ_DIM = 1
 
@@ -194,7 +195,7 @@ def linear_async_grad(x, weight, bias, comm: Communicator) -> torch.Tensor:
     overlapped with the weight-gradient GEMM. Collectives: backward one all-reduce."""
     if comm.size == 1:
         return F.linear(x, weight, bias)
-    return _LinearAsyncGrad.apply(x, weight, bias, comm)
+    return _eager(_LinearAsyncGrad, x, weight, bias, comm)
 
 
 def all_gather_linear(x, weight, bias, comm: Communicator, kernels: Chunked | SymmMem) -> torch.Tensor:
@@ -203,7 +204,7 @@ def all_gather_linear(x, weight, bias, comm: Communicator, kernels: Chunked | Sy
     all-gathers (one fused one with :class:`SymmMem`); backward as many reduce-scatters."""
     if comm.size == 1:
         return F.linear(x, weight, bias)
-    return _AllGatherLinear.apply(x, weight, bias, comm, kernels)
+    return _eager(_AllGatherLinear, x, weight, bias, comm, kernels)
 
 
 def linear_reduce_scatter(x, weight, comm: Communicator, kernels: Chunked | SymmMem) -> torch.Tensor:
@@ -212,4 +213,4 @@ def linear_reduce_scatter(x, weight, comm: Communicator, kernels: Chunked | Symm
     reduce-scatters (one fused one with :class:`SymmMem`); backward as many all-gathers."""
     if comm.size == 1:
         return F.linear(x, weight)
-    return _LinearReduceScatter.apply(x, weight, comm, kernels)
+    return _eager(_LinearReduceScatter, x, weight, comm, kernels)
