@@ -94,41 +94,40 @@ class Constant(_Callable):
 
 
 @dataclass(frozen=True)
-class WarmupCosine(_Callable):
+class _WarmupDecay(_Callable):
+    """Linear warmup over ``warmup_steps``, then ``decay`` from 1 to ``min_lr_ratio`` over
+    the rest of ``total_steps``."""
+
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float = 0.0
+    decay = "linear"  # a class attribute of each schedule, not a field
+
+    def __post_init__(self):
+        _check_warmup_total(self)
+        _check_ratio(self)
+
+    def factor(self, step: int) -> float:
+        decay = self.total_steps - self.warmup_steps
+        return _factor(step, self.warmup_steps, 0, decay, self.decay, self.min_lr_ratio)
+
+
+@dataclass(frozen=True)
+class WarmupCosine(_WarmupDecay):
     """Linear warmup over ``warmup_steps``, then a cosine from 1 to ``min_lr_ratio`` over
     ``D = total_steps - warmup_steps``: for ``s >= W``,
     ``m + (1 - m) * (1 + cos(pi * (s + 1 - W) / (D + 1))) / 2``; ``m`` from ``total_steps`` on."""
 
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self):
-        _check_warmup_total(self)
-        _check_ratio(self)
-
-    def factor(self, step: int) -> float:
-        decay = self.total_steps - self.warmup_steps
-        return _factor(step, self.warmup_steps, 0, decay, "cosine", self.min_lr_ratio)
+    decay = "cosine"
 
 
 @dataclass(frozen=True)
-class WarmupLinear(_Callable):
+class WarmupLinear(_WarmupDecay):
     """Linear warmup over ``warmup_steps``, then a line from 1 to ``min_lr_ratio`` over
     ``D = total_steps - warmup_steps``: for ``s >= W``, ``m + (1 - m) * (1 - (s + 1 - W) / (D + 1))``;
     ``m`` from ``total_steps`` on."""
 
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self):
-        _check_warmup_total(self)
-        _check_ratio(self)
-
-    def factor(self, step: int) -> float:
-        decay = self.total_steps - self.warmup_steps
-        return _factor(step, self.warmup_steps, 0, decay, "linear", self.min_lr_ratio)
+    decay = "linear"
 
 
 @dataclass(frozen=True)
