@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                      device=args.device, json_path=args.json)
         return 0
     if args.command == "bench" and args.mode == "recipe":
-        from raytp.bench.recipe import run as recipe_run
+        from raytp.driver.recipe import run as recipe_run
 
         recipe_run(tp=args.tp, device=args.device, quick=args.quick, warmup=args.warmup, steps=args.steps,
                    json_path=args.json, command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
