@@ -93,6 +93,17 @@ def test_build_spec_is_frozen_and_validated_once():
             BuildSpec(model=Net, **kwargs)
 
 
+def test_patterns_that_match_nothing_are_refused_on_the_driver(cluster2):
+    """activation_checkpointing and compile patterns are matched against the factory's
+    module made on the meta device: a ValueError on the driver, not a RankError."""
+    with pytest.raises(ValueError, match=r"activation_checkpointing pattern 'fc_inn' matches no submodule "
+                                         r"of Net; close names: \['fc_in'"):
+        cluster2.build(Net, plan=PLAN, activation_checkpointing={"fc_inn": "full"})
+    with pytest.raises(ValueError, match=r"compile pattern 'blocks.\*' matches no submodule"):
+        cluster2.build(Net, plan=PLAN, compile=("blocks.*",))
+    assert cluster2.build(Net, plan=PLAN, activation_checkpointing={"fc_in": "full"})["trains"]
+
+
 def test_torchrun_builds_the_rank_a_ray_actor_builds(cluster2):
     """examples/torchrun_gpt.py builds its rank with build_engine from a BuildSpec; at
     tp=2 under torchrun it trains exactly as tp=1 under torchrun and as the same spec

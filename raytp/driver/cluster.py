@@ -99,7 +99,7 @@ class TPCluster:
         (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed, **options)
-        spec.check_tp(self.tp)  # sizes tp must divide, named here
+        spec.check(self.tp)  # sizes tp must divide, patterns that match nothing: named here
         for name in ("model", "loss_fn", "plan", "optimizer", "lr_schedule"):
             check_picklable(name, getattr(spec, name))
         infos = self.group.build(spec)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytp.activation_ckpt import check_mode
-from raytp.compile import CompileOptions, compile_options
+from raytp.activation_ckpt import check_mode, choose
+from raytp.compile import CompileOptions, compile_options, select_parts
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
@@ -127,6 +127,31 @@ class BuildSpec:
         """Refuse, before any rank work, sizes of a raytp config that ``tp`` does not divide."""
         if hasattr(self.model, "check_tp"):
             self.model.check_tp(tp)
+
+    def check(self, tp: int) -> None:
+        """Everything the driver can refuse before any rank work: :meth:`check_tp`, :meth:`check_names`."""
+        self.check_tp(tp)
+        self.check_names()
+
+    def check_names(self) -> None:
+        """Refuse, before any rank work, module-name patterns (``activation_checkpointing``,
+        ``compile``) that match no submodule of a plain module: the factory's module is
+        made on the meta device (no memory) and matched. A factory that cannot run on the
+        meta device is left to the ranks' own check."""
+        ckpt = self.activation_checkpointing if isinstance(self.activation_checkpointing, Mapping) else None
+        options = compile_options(self.compile)
+        parts = options.parts if options is not None else None
+        if hasattr(self.model, "build") or not (ckpt or parts):
+            return
+        try:
+            with torch.device("meta"):
+                module = self.model()
+        except Exception:  # noqa: BLE001 - e.g. a factory that reads weights: the ranks check
+            return
+        if ckpt:
+            choose(module, ckpt)
+        if parts:
+            select_parts(module, parts)
 
     def make_module(self, device: torch.device, mesh) -> nn.Module:
         """The model shard on ``device``: the config's build, or the factory's module
