@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as ckpt
 
+from raytp.parallelize import match_patterns
 from raytp.random import RNGTracker
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ def check_mode(value) -> None:
                              f"and modes one of {MODES}")
 
 
-def _matches(pattern: str, name: str) -> bool:
-    from raytp.parallelize import _matches
-
-    return _matches(pattern, name)
-
-
 def choose(module: nn.Module, mode) -> dict[str, str]:
     """``{submodule name: mode}`` that ``mode`` selects in ``module``; a ValueError names
     a pattern that matches nothing (with the closest names), a name two patterns match,
@@ -77,17 +72,8 @@ def choose(module: nn.Module, mode) -> dict[str, str]:
                              f"(module.layers) of raytp's models; {type(module).__name__} has none: "
                              "pass a dict {pattern: mode}, e.g. {'blocks.*': 'full'}")
         mode = {"layers.*": mode}
-    names = [name for name, _ in module.named_modules() if name]
-    chosen: dict[str, str] = {}
-    for pattern, m in mode.items():
-        hits = [name for name in names if _matches(pattern, name)]
-        if not hits:
-            raise ValueError(f"activation_checkpointing pattern {pattern!r} matches no submodule of "
-                             f"{type(module).__name__}; close names: {_close(pattern, names)}")
-        for name in hits:
-            if name in chosen:
-                raise ValueError(f"submodule {name!r} matches more than one activation_checkpointing pattern")
-            chosen[name] = m
+    chosen = match_patterns(module, mode, "activation_checkpointing",
+                            lambda pattern, names: f"close names: {_close(pattern, names)}")
     for name in chosen:
         outer = [o for o in chosen if name.startswith(o + ".")]
         if outer:

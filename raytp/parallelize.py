@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TypeVar
 
 from torch import nn
 
 from raytp.mesh import DeviceMesh
 from raytp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,7 @@ def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str | Style
     for pattern, style in plan.items():
         if not isinstance(style, (Colwise, Rowwise, Vocab)) and style not in STYLES:
             raise ValueError(f"plan[{pattern!r}] = {style!r} is not one of {sorted(STYLES)}")
-    names = [name for name, _ in module.named_modules() if name]
-    chosen: dict[str, str] = {}
-    for pattern, style in plan.items():
-        hits = [name for name in names if _matches(pattern, name)]
-        if not hits:
-            raise ValueError(f"plan pattern {pattern!r} matches no submodule of "
-                             f"{type(module).__name__}; its submodules are {names}")
-        for name in hits:
-            if name in chosen:
-                raise ValueError(f"submodule {name!r} matches more than one plan pattern")
-            chosen[name] = style
+    chosen = match_patterns(module, plan, "plan", lambda pattern, names: f"its submodules are {names}")
     for name, style in chosen.items():
         factory = STYLES[style] if isinstance(style, str) else style
         kind = factory.kind
@@ -105,6 +99,26 @@ def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str | Style
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, replacement)
     return module
+
+
+def match_patterns(module: nn.Module, patterns: Mapping[str, V], what: str,
+                   names_hint: Callable[[str, list[str]], str]) -> dict[str, V]:
+    """``{submodule name: value}`` for every submodule of ``module`` that a pattern of
+    ``patterns`` matches (dotted parts matched one by one, ``fnmatch`` within a part). A
+    pattern that matches nothing (``names_hint`` says what there is), or a submodule that
+    two patterns match, is a ``ValueError`` that names ``what`` the patterns are for."""
+    names = [name for name, _ in module.named_modules() if name]
+    chosen: dict[str, V] = {}
+    for pattern, value in patterns.items():
+        hits = [name for name in names if _matches(pattern, name)]
+        if not hits:
+            raise ValueError(f"{what} pattern {pattern!r} matches no submodule of "
+                             f"{type(module).__name__}; {names_hint(pattern, names)}")
+        for name in hits:
+            if name in chosen:
+                raise ValueError(f"submodule {name!r} matches more than one {what} pattern")
+            chosen[name] = value
+    return chosen
 
 
 def _matches(pattern: str, name: str) -> bool:

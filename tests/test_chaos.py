@@ -22,26 +22,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import raytp
 from raytp.driver import ClusterFailed
 from raytp.driver.launch import CONTROL
 
+import nets
+from nets import PLAN, Net
+
 ray = pytest.importorskip("ray")
 
-PLAN = {"fc_in": "colwise", "fc_out": "rowwise"}
+RAY_BY_VALUE = (nets,)
 STEPS, EVERY = 20, 4
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc_in = nn.Linear(12, 32, dtype=torch.float64)
-        self.fc_out = nn.Linear(32, 5, dtype=torch.float64)
-
-    def forward(self, x):
-        return self.fc_out(torch.tanh(self.fc_in(x)))
 
 
 # -- the fault plan ---------------------------------------------------------------------
