@@ -293,7 +293,11 @@ def test_interrupt_while_starting_leaves_nothing(ray_local, monkeypatch):
     monkeypatch.setattr(launch, "rendezvous", real_rendezvous)
     assert len(started["actors"]) == 2
     for handle in started["actors"]:
+        # ray.kill is asynchronous: a call sent just after it may still be served
+        deadline = time.monotonic() + 30
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(handle.node_info.remote(), timeout=30)
+            while time.monotonic() < deadline:
+                ray.get(handle.node_info.remote(), timeout=30)
+                time.sleep(0.2)
     made = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
     assert made and all(pg["state"] == "REMOVED" for pg in made.values()), made
