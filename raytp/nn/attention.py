@@ -17,7 +17,7 @@ from torch import nn
 from raytp.mesh import DeviceMesh
 from raytp.nn.kv_cache import KVCache
 from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear
-from raytp.nn.rotary import apply_rope
+from raytp.nn.rotary import apply_rope_qk
 from raytp.params import materialize_
 from raytp.random import RNGTracker
 
@@ -152,7 +152,7 @@ class ParallelAttention(nn.Module):
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads_per_rank, hd)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope_qk(q, k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads_per_rank, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, kv_heads_per_rank, cached + T, hd)

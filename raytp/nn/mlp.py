@@ -7,9 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytp.mesh import DeviceMesh
+from raytp.nn.fused import Fused
 from raytp.nn.linear import ColumnParallelLinear, RowParallelLinear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu_tanh: GPT-2's "gelu_new"
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``h = [gate | up]`` (..., 2 * ffn) -> (..., ffn)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+_fused_swiglu = Fused(swiglu)  # one kernel each way when training on CUDA (raytp.nn.fused)
 
 
 class ParallelMLP(nn.Module):
@@ -46,8 +56,7 @@ class ParallelMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)  # (..., ffn_per_rank), or (..., 2 * ffn_per_rank) fused
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = _fused_swiglu(h)
         else:
             h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.fc_out(h)

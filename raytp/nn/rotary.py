@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from raytp.nn.fused import Fused
+
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, *, device=None,
                 dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,8 +20,25 @@ def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, *, device=N
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, heads, head_dim) by the (T, head_dim) tables of its positions."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos + rotated * sin
+
+
+def _rope_qk(q, k, cos, sin):
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+_fused_rope, _fused_rope_qk = Fused(_rope), Fused(_rope_qk)  # one kernel each way when training on CUDA
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, head_dim) by the (T, head_dim) tables of its positions."""
+    return _fused_rope(x, cos[:, None, :], sin[:, None, :])
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope` of queries and keys at the same positions, in one fused call."""
+    return _fused_rope_qk(q, k, cos[:, None, :], sin[:, None, :])
