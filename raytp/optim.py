@@ -10,6 +10,7 @@ The order of a training step on every rank is::
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -19,7 +20,7 @@ from torch import nn
 from raytp.comm.backend import Communicator
 from raytp.mesh import DeviceMesh
 from raytp.optim_groups import check_no_decay, grouped, param_groups  # noqa: F401
-from raytp.params import get_spec, grad_reduce_groups, sumsq_once
+from raytp.params import get_spec, grad_reduce_groups, weighted_parts
 from raytp.placement import Shard
 
 
@@ -101,9 +102,15 @@ def grad_norm(params: nn.Module | Iterable[torch.Tensor], mesh: DeviceMesh) -> t
     """
     params = [p for p in _params(params) if p.grad is not None]
     wide = any(p.grad.dtype == torch.float64 for p in params)
-    total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=mesh.device)
+    acc = torch.float64 if wide else torch.float32
+    groups = collections.defaultdict(list)  # (replicas, dtype) -> parts: one foreach kernel each
     for p in params:
-        total += sumsq_once(p.grad, get_spec(p), mesh.tp_size).to(total.device)
+        for part, replicas in weighted_parts(p.grad, get_spec(p), mesh.tp_size):
+            groups[replicas, part.dtype].append(part)
+    total = torch.zeros((), dtype=acc, device=mesh.device)
+    for (replicas, _), parts in groups.items():
+        norms = torch._foreach_norm(parts, 2, dtype=acc)  # no float32 copy of a bf16 gradient
+        total += torch.stack(norms).to(total.device).square().sum() / replicas
     if mesh.tp_size > 1:
         mesh.tp_comm.all_reduce(total)
     return total.sqrt()
@@ -130,8 +137,11 @@ def clip_grad_norm_(params: nn.Module | Iterable[torch.Tensor], max_norm: float,
     params = [p for p in _params(params) if p.grad is not None]
     norm = grad_norm(params, mesh)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads = collections.defaultdict(list)
     for p in params:
-        p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        grads[p.grad.device, p.grad.dtype].append(p.grad)
+    for (device, dtype), group in grads.items():
+        torch._foreach_mul_(group, coef.to(device, dtype))
     return norm
 
 

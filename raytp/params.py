@@ -85,20 +85,27 @@ def get_spec(param: torch.Tensor) -> ParamSpec | None:
     return getattr(param, _ATTR, None)
 
 
-def sumsq_once(tensor: torch.Tensor, spec: ParamSpec | None, tp_size: int) -> torch.Tensor:
-    """Sum of squares of a local parameter or gradient, each element weighted by
-    1 / (TP ranks holding it), so that the sum over the TP group counts each element
-    once. A parameter with no spec is taken to be replicated over the TP group.
-    Accumulated in float32, or float64 for a float64 tensor."""
+def weighted_parts(tensor: torch.Tensor, spec: ParamSpec | None,
+                   tp_size: int) -> list[tuple[torch.Tensor, int]]:
+    """``(part, replicas)`` pairs that cover a local parameter or gradient: each part is
+    held by ``replicas`` TP ranks, so weighting its squares by 1 / replicas counts every
+    element once over the TP group. A parameter with no spec is taken to be replicated."""
     x = tensor.detach()
-    x = x if x.dtype == torch.float64 else x.float()
     if spec is None or isinstance(spec.placement, Replicate):
-        return x.pow(2).sum() / tp_size
-    total = x.new_zeros(())
+        return [(x, tp_size)]
     blocks = spec.local_blocks()
     parts = x.split([size for size, _ in blocks], spec.placement.dim)
-    for part, (_, replicas) in zip(parts, blocks, strict=True):
-        total = total + part.pow(2).sum() / replicas
+    return [(part, replicas) for part, (_, replicas) in zip(parts, blocks, strict=True)]
+
+
+def sumsq_once(tensor: torch.Tensor, spec: ParamSpec | None, tp_size: int) -> torch.Tensor:
+    """Sum of squares of a local parameter or gradient, each element counted once over
+    the TP group (:func:`weighted_parts`). Accumulated in float32, or float64 for a
+    float64 tensor."""
+    total = None
+    for part, replicas in weighted_parts(tensor, spec, tp_size):
+        x = part if part.dtype == torch.float64 else part.float()
+        total = x.pow(2).sum() / replicas if total is None else total + x.pow(2).sum() / replicas
     return total
 
 
