@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--steps", type=int, default=10, help="timed steps per setting")
     recipe.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     recipe.add_argument("--json", default=None, help="write the results here")
+    recipe.add_argument("--settings", type=_csv(str), default=None,
+                        help="comma-separated settings to run (default: all), e.g. bf16,mixed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         from raytp.driver.recipe import run as recipe_run
 
         recipe_run(tp=args.tp, device=args.device, quick=args.quick, warmup=args.warmup, steps=args.steps,
-                   json_path=args.json, command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
+                   json_path=args.json, only=args.settings,
+                   command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
         return 0
     if args.command == "bench":
         return _bench(args, argv)

@@ -229,3 +229,15 @@ def test_recipe_bench_runs_every_setting_on_cpu(ray_local, tmp_path):
     # checkpointing recomputes, it does not change the step: the same losses as mixed alone
     mixed = report["settings"]["mixed"]["loss"]
     assert report["settings"]["mixed+full"]["loss"] == report["settings"]["mixed+selective"]["loss"] == mixed
+
+
+def test_recipe_bench_runs_the_settings_asked_for(ray_local, tmp_path, capsys):
+    from raytp.cli import main
+
+    path = tmp_path / "recipe.json"
+    assert main(["bench", "recipe", "--quick", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                 "--settings", "mixed,mixed+full", "--json", str(path)]) == 0
+    assert list(json.loads(path.read_text())["settings"]) == ["mixed", "mixed+full"]
+    assert "| setting | ms/step | vs mixed |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"settings \['fp8'\] are not among \['bf16', 'mixed'"):
+        main(["bench", "recipe", "--quick", "--settings", "bf16,fp8"])

@@ -65,12 +65,19 @@ def measure(cluster, options: dict, batch: dict, warmup: int, steps: int) -> dic
 
 
 def run(tp: int = 1, device: str = "auto", quick: bool = False, warmup: int = 3, steps: int = 10,
-        batch_size: int = 4, json_path: str | None = None, command: str = "raytp bench recipe") -> dict:
+        batch_size: int = 4, json_path: str | None = None, command: str = "raytp bench recipe",
+        only: tuple[str, ...] | None = None) -> dict:
     config = TINY if quick else LLAMA_1B
+    known = settings(config, "cpu")
+    unknown = sorted(set(only or ()) - set(known))
+    if unknown:
+        raise ValueError(f"settings {unknown} are not among {list(known)}")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.max_seq_len))
     results = {}
     with raytp.TPCluster(tp=tp, device=device) as cluster:
         for name, options in settings(config, cluster.device).items():
+            if only and name not in only:
+                continue
             log.info("recipe bench: %s", name)
             results[name] = measure(cluster, options, {"input_ids": ids}, warmup, steps)
         device = cluster.device
@@ -86,11 +93,12 @@ def run(tp: int = 1, device: str = "auto", quick: bool = False, warmup: int = 3,
 
 
 def table(report: dict) -> str:
-    base = report["settings"]["bf16"]["ms_per_step"]
+    base_name = "bf16" if "bf16" in report["settings"] else next(iter(report["settings"]))
+    base = report["settings"][base_name]["ms_per_step"]
     lines = [f"`{report['command']}` on {report['device']}, tp={report['tp']}, "
              f"{report['tokens_per_step']} tokens/step, model {report['model']}", "",
-             "| setting | ms/step | vs bf16 | TFLOP/s | MFU | peak GiB | activation GiB | step-1 loss | "
-             "step-1 grad norm | last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| setting | ms/step | vs {base_name} | TFLOP/s | MFU | peak GiB | activation GiB | "
+             "step-1 loss | step-1 grad norm | last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["settings"].items():
         cells = [f"{r['ms_per_step']:.1f}", f"{r['ms_per_step'] / base:.3f}x", _fmt(r["tflops"], "{:.0f}"),
                  _fmt(r["mfu"], "{:.1%}"), f"{r['peak_mem_gib']:.2f}", _fmt(r["activation_gib"], "{:.2f}"),
