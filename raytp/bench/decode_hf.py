@@ -69,10 +69,8 @@ class HFContender:
         ids, mask = left_pad(chunk, self.device)
         _sync(self.device)
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
-                                      **options)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,  # no_grad
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, **options)
         _sync(self.device)
         seconds = time.perf_counter() - start
         return out[:, ids.shape[1]:].tolist(), seconds
