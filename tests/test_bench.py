@@ -304,8 +304,9 @@ def test_decode_raytp_contenders_read_the_generation_stats(monkeypatch):
     ragged = scenarios(QUICK)[-1]
     sides = {"raytp-eager": RaytpContender(cluster, False), "raytp-graphs": RaytpContender(cluster, True)}
     rows = run_scenario(ragged, sides, rounds=2)
-    # warm-ups (one batch of the slots' size, 2 tokens), then two interleaved rounds of every prompt
-    assert cluster.calls == [(4, 2, False), (4, 2, True)] + [(10, 8, False), (10, 8, True)] * 2
+    # warm-ups (eager: one batch of the slots' size, 2 tokens; graphs: a whole pass), then two
+    # interleaved rounds of every prompt
+    assert cluster.calls == [(4, 2, False), (10, 8, True)] + [(10, 8, False), (10, 8, True)] * 2
     for r in rows:
         assert r["status"] == "ok" and len(r["rounds"]) == 2
         assert r["ms_per_step"] == pytest.approx(2.0)
