@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--json", default=None, help="write the results here")
     recipe.add_argument("--settings", type=_csv(str), default=None,
                         help="comma-separated settings to run (default: all), e.g. bf16,mixed")
+    _decode_options(modes.add_parser(
+        "decode", help="generation: transformers (dynamic cache, static compiled) against raytp (eager, "
+                       "CUDA graphs) on a 1.1B Llama at batch 1, 32 and 100 ragged prompts"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                    json_path=args.json, only=args.settings,
                    command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
         return 0
+    if args.command == "bench" and args.mode == "decode":
+        return _decode(args, argv)
     if args.command == "bench":
         return _bench(args, argv)
     return 2
@@ -89,6 +94,38 @@ def _bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--no-torchrun", action="store_true")
     bench.add_argument("--no-exposed-comm", action="store_true",
                        help="skip the raytp runs without collectives (no exposed-communication figures)")
+
+
+def _decode_options(decode: argparse.ArgumentParser) -> None:
+    decode.add_argument("--tp", type=int, default=1)
+    decode.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    decode.add_argument("--quick", action="store_true", help="a tiny model and few tokens (CPU smoke test)")
+    decode.add_argument("--only", type=_csv(str), default=None,
+                        help="contenders or groups: transformers,raytp,hf-dynamic,hf-static,raytp-eager,"
+                             "raytp-graphs (default all)")
+    decode.add_argument("--scenarios", type=_csv(str), default=None,
+                        help="batch-1,batch-32,ragged-100 (quick: batch-1,batch-4,ragged-10); default all")
+    decode.add_argument("--rounds", type=int, default=None, help="timed rounds per scenario (2; quick 1)")
+    decode.add_argument("--json", default=None, help="write the results here")
+
+
+def _decode(args, argv) -> int:
+    from raytp.bench.decode import LLAMA_1B, QUICK
+    from raytp.driver.decode import pick_scenarios, run, select
+
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    if rounds < 1:
+        raise SystemExit(f"--rounds {rounds}: must be at least 1")
+    config = QUICK if args.quick else LLAMA_1B
+    try:  # bad options end here, before any work
+        contenders = select(args.only)
+        pick_scenarios(config, args.scenarios)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    run(config, contenders=contenders, device=args.device, tp=args.tp, rounds=rounds,
+        only_scenarios=args.scenarios, quick=args.quick, json_path=args.json,
+        command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
+    return 0
 
 
 def _bench(args, argv) -> int:

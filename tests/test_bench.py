@@ -241,3 +241,133 @@ def test_recipe_bench_runs_the_settings_asked_for(ray_local, tmp_path, capsys):
     assert "| setting | ms/step | vs mixed |" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"settings \['fp8'\] are not among \['bf16', 'mixed'"):
         main(["bench", "recipe", "--quick", "--settings", "bf16,fp8"])
+
+
+# -- raytp bench decode -----------------------------------------------------------------------
+
+
+def test_decode_bench_quick_transformers_contenders(tmp_path, capsys):
+    """--quick --only transformers on CPU: both transformers contenders run every scenario
+    they take part in, give the same greedy tokens (float32), and the report adds up."""
+    from raytp.bench.decode import QUICK
+    from raytp.cli import main
+
+    path = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--quick", "--device", "cpu", "--only", "transformers",
+                 "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rows = {(r["scenario"], r["contender"]): r for r in report["rows"]}
+    scenarios = ("batch-1", "batch-4", "ragged-10")
+    assert set(rows) == {(s, c) for s in scenarios for c in ("hf-dynamic", "hf-static")}
+    assert rows[("ragged-10", "hf-dynamic")]["status"] == "skipped"
+    for (scenario, contender), r in rows.items():
+        if r["status"] == "skipped":
+            continue
+        assert r["status"] == "ok", (scenario, contender, r["reason"])
+        n = 10 if scenario == "ragged-10" else int(scenario.split("-")[1])
+        assert r["same_sequences"] in (None, [n, n]), (scenario, contender)
+        (measured,) = r["rounds"]  # quick: one round
+        steps = (QUICK.new_tokens - 1) * -(-n // QUICK.slots)  # after the first token, per batch of 4
+        assert measured["decode_steps"] == steps and r["wall_s"] > 0 and r["ttft_s"] > 0
+        # (total - ttft) / (new tokens - 1), per batch (on a busy CPU it can come out negative)
+        decode_s = r["wall_s"] - measured["first_token_calls_s"]
+        assert r["ms_per_step"] == pytest.approx(decode_s / steps * 1e3)
+        assert r["tokens_per_s"] == pytest.approx(n * QUICK.new_tokens / r["wall_s"])
+    assert rows[("batch-4", "hf-static")]["vs_hf_static"] == 1.0
+    meta = report["meta"]
+    assert meta["weight_bytes"] == QUICK.weight_bytes() and meta["floor_ms"] > 0
+    assert [t["met"] for t in report["targets"]] == [None, None, None]  # quick: not judged
+    out = capsys.readouterr().out
+    assert "| batch-4 | hf-static |" in out and "Targets (one H200, tp=1):" in out
+
+
+class _FakeGenerationCluster:
+    """Issue 15's generation API as the decode bench calls it: ``generate`` and
+    ``generation_stats`` of the last call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling, *, cuda_graphs=None):
+        n, new = len(prompts), sampling.max_new_tokens
+        self.calls.append((n, new, cuda_graphs))
+        self.stats = {"decode_steps": new - 1, "decode_s": 0.002 * (new - 1), "prefill_s": 0.01,
+                      "mean_active_slots": float(n), "first_token_s": [0.01 * (i + 1) for i in range(n)],
+                      "tokens": n * new, "wall_s": 0.05, "cuda_graphs": bool(cuda_graphs)}
+        return [[len(p) % 7] * new for p in prompts]
+
+    def generation_stats(self):
+        return self.stats
+
+
+def test_decode_raytp_contenders_read_the_generation_stats(monkeypatch):
+    import dataclasses
+
+    import raytp
+    from raytp.bench.decode import QUICK, scenarios
+    from raytp.driver.decode import RaytpContender, run_scenario
+
+    @dataclasses.dataclass(frozen=True)
+    class Sampling:
+        max_new_tokens: int
+
+    monkeypatch.setattr(raytp, "SamplingParams", Sampling, raising=False)
+    cluster = _FakeGenerationCluster()
+    ragged = scenarios(QUICK)[-1]
+    sides = {"raytp-eager": RaytpContender(cluster, False), "raytp-graphs": RaytpContender(cluster, True)}
+    rows = run_scenario(ragged, sides, rounds=2)
+    # warm-ups (eager: one batch of the slots' size, 2 tokens; graphs: a whole pass), then two
+    # interleaved rounds of every prompt
+    assert cluster.calls == [(4, 2, False), (10, 8, True)] + [(10, 8, False), (10, 8, True)] * 2
+    for r in rows:
+        assert r["status"] == "ok" and len(r["rounds"]) == 2
+        assert r["ms_per_step"] == pytest.approx(2.0)
+        assert r["ttft_s"] == pytest.approx(0.055)  # the mean of 0.01 .. 0.10
+        assert r["tokens_per_s"] == pytest.approx(80 / r["wall_s"])
+    assert rows[0]["same_sequences"] is None and rows[1]["same_sequences"] == [10, 10]
+    assert rows[1]["rounds"][-1]["cuda_graphs"] is True
+
+
+def test_decode_targets_are_judged_on_the_best_raytp_row():
+    from raytp.bench.decode_report import add_comparisons, evaluate_targets
+
+    def ok(scenario, contender, ms, tokens_per_s):
+        return {"scenario": scenario, "contender": contender, "status": "ok", "ms_per_step": ms,
+                "tokens_per_s": tokens_per_s}
+
+    rows = [ok("batch-1", "hf-static", 3.5, 280), ok("batch-1", "raytp-eager", 9.0, 110),
+            ok("batch-1", "raytp-graphs", 1.1, 900), ok("batch-32", "raytp-graphs", 2.4, 13000),
+            ok("ragged-100", "hf-static", 4.4, 7000), ok("ragged-100", "raytp-graphs", 2.1, 12000),
+            {"scenario": "ragged-100", "contender": "raytp-eager", "status": "error", "reason": "x"}]
+    add_comparisons(rows, floor_ms=0.5)
+    assert rows[2]["x_floor"] == pytest.approx(2.2) and rows[5]["vs_hf_static"] == pytest.approx(12 / 7)
+    targets = evaluate_targets(rows, quick=False)
+    assert [t["met"] for t in targets] == [True, False, False]
+    assert [t["contender"] for t in targets] == ["raytp-graphs"] * 3
+    assert [t["met"] for t in evaluate_targets(rows, quick=True)] == [None] * 3
+
+
+def _has_generate() -> bool:
+    import raytp
+
+    return hasattr(raytp, "SamplingParams") and hasattr(raytp.TPCluster, "generate")
+
+
+@pytest.mark.skipif(not _has_generate(), reason="cluster.generate (issue 15) is not in this raytp yet")
+def test_decode_bench_quick_raytp_eager_gives_transformers_tokens(ray_local, tmp_path):
+    """--quick on CPU ranks: raytp's eager contender (continuous batching for the ragged
+    prompts) gives transformers' greedy tokens for every prompt; the graphs one says CUDA."""
+    from raytp.bench.decode import QUICK
+    from raytp.cli import main
+
+    path = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--quick", "--device", "cpu", "--json", str(path)]) == 0
+    rows = {(r["scenario"], r["contender"]): r for r in json.loads(path.read_text())["rows"]}
+    for scenario, n in (("batch-1", 1), ("batch-4", 4), ("ragged-10", 10)):
+        eager = rows[(scenario, "raytp-eager")]
+        assert eager["status"] == "ok", eager["reason"]
+        assert eager["same_sequences"] == [n, n], scenario
+        # at least one decode step after each prompt's first token
+        assert eager["ms_per_step"] > 0 and eager["rounds"][0]["decode_steps"] >= QUICK.new_tokens - 1
+        graphs = rows[(scenario, "raytp-graphs")]
+        assert graphs["status"] == "skipped" and "CUDA" in graphs["reason"]

@@ -34,6 +34,9 @@ def test_quickstart_notebook_runs_top_to_bottom():
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     accuracy = float(re.search(r"held-out accuracy: ([0-9.]+)", outputs).group(1))
     assert accuracy > 0.95
+    streamed = re.findall(r"\[([01])\] ([0-9]+)", outputs)  # the stream cell: 8 new ids per prompt
+    assert sorted(index for index, _ in streamed) == ["0"] * 8 + ["1"] * 8
+    assert all(int(token) < 64 for _, token in streamed)
     assert any(o.get("data", {}).get("image/png") for c in nb.cells for o in c.get("outputs", []))
 
 
