@@ -19,7 +19,9 @@ def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, *, device=N
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, heads, head_dim) by the (T, head_dim) tables of its positions."""
+    """Rotate ``x`` (B, T, heads, head_dim) by the tables of its positions: (T, head_dim),
+    the same positions in every row, or (B, T, head_dim), each row its own (decoding
+    slots of different lengths)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
