@@ -88,7 +88,7 @@ class GenerationEngine:
         self.scheduler = Scheduler(self.shape.max_batch, self.shape.capacity)
         self.use_graphs = self.graphs is not None and cuda_graphs is not False
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "active_slot_steps": 0,
-                      "graph_steps": 0, "prefills": 0}
+                      "graph_steps": 0, "prefills": 0, "slot_moves": 0}
 
     def steps(self, requests: Sequence[Request], max_steps: int) -> dict[str, Any]:
         """Queue ``requests``; prefill and decode until ``max_steps`` decode steps ran or
@@ -137,6 +137,7 @@ class GenerationEngine:
         for src, dst in self.scheduler.compact():
             self.cache.move(src, dst)
             self.buffers.move(src, dst)
+            self.stats["slot_moves"] += 1
         active = self.scheduler.active()
         b, length = self.scheduler.shape()
         params = {self.scheduler.slots[i].request.sampling for i in active}
