@@ -6,6 +6,7 @@ same under Ray actors, ``torchrun`` or test processes.
 
 from raytp import checkpoint, comm, models, nn, schedules
 from raytp.dtensor import DTensor
+from raytp.inference import SamplingParams
 from raytp.mesh import DeviceMesh, init_distributed
 from raytp.optim import SGD, AdamW, clip_grad_norm_, grad_norm, sync_grads
 from raytp.parallelize import parallelize
@@ -38,6 +39,7 @@ __all__ = [
     "MixedPrecision",
     "Partial",
     "Replicate",
+    "SamplingParams",
     "Shard",
     "checkpoint",
     "clip_grad_norm_",

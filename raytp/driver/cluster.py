@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from raytp.driver import checkpointing, launch, recovery
+from raytp.driver import checkpointing, generation, launch, recovery
 from raytp.driver.group import RankGroup
-from raytp.driver.pending import Pending, PutBatch, check_picklable, put_batch
+from raytp.driver.pending import Pending, PutBatch, put_batch
 from raytp.driver.progress import fit_loop
 from raytp.driver.recovery import RecoveryPolicy
 from raytp.driver.steplog import StepLog
@@ -96,17 +96,14 @@ class TPCluster:
         here on the driver), or from ``model`` when it is a ``BuildSpec``. ``optimizer=None``
         builds inference-only ranks: no optimizer state, no gradients; the training phases
         raise. From then on every batch is checked on the driver before it is sent
-        (:mod:`raytp.validate`). Returns the model's size and each rank's parameter bytes."""
+        (:mod:`raytp.validate`). Returns sizes, rank bytes, the KV cache (Generation.sizes)."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed, **options)
-        spec.check(self.tp)  # sizes tp must divide, patterns that match nothing: named here
-        for name in ("model", "loss_fn", "plan", "optimizer", "lr_schedule"):
-            check_picklable(name, getattr(spec, name))
-        infos = self.group.build(spec)
-        self.spec, self._data_position = spec, 0
-        self._batch_checker = infos[0]["batch_checker"]
+        infos = self.group.build(spec)  # checked here first: sizes, module names, pickling
+        self.spec, self._data_position, self._batch_checker = spec, 0, infos[0]["batch_checker"]
+        self.generation = generation.Generation(infos[0]["generation"])  # what generate() checks against
         return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos],
-                "trains": spec.trains}
+                "trains": spec.trains, "generation": self.generation.sizes}
 
     # -- phases: submit_x returns a Pending, x blocks -----------------------------------
 
@@ -215,6 +212,9 @@ class TPCluster:
     def _need_training(self, phase: str) -> None:
         if self.spec is not None and not self.spec.trains:
             raise InferenceOnly(NO_OPTIMIZER.format(phase=phase).replace("on a rank", "on a cluster"))
+
+    # -- generation: generate(prompts, raytp.SamplingParams(...)), stream, generation_stats
+    generate, stream, generation_stats = generation.generate, generation.stream, generation.generation_stats
 
     # -- metrics ----------------------------------------------------------------------
 

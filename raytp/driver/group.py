@@ -13,6 +13,7 @@ import ray
 from raytp.driver import health, launch
 from raytp.driver.errors import RECOVERABLE, RankDied, RankError, RankHung
 from raytp.driver.health import HealthMonitor
+from raytp.driver.pending import check_picklable
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,12 @@ class RankGroup:
                 for a, args in zip(self.actors, per_rank_args, strict=True)]
 
     def build(self, spec) -> list[dict]:
-        """Build every rank's engine from ``spec``; their descriptions."""
+        """Build every rank's engine from ``spec``; their descriptions. Refused here first,
+        before any rank work, are sizes tp does not divide, module-name patterns that match
+        nothing (:meth:`BuildSpec.check`) and parts that cannot be pickled."""
+        spec.check(self.tp)
+        for name in ("model", "loss_fn", "plan", "optimizer", "lr_schedule"):
+            check_picklable(name, getattr(spec, name))
         self.check_alive()
         self.last_phase = "build"
         return self.wait([a.build.remote(spec) for a in self.actors], "build")

@@ -11,6 +11,7 @@ from raytp.activation_ckpt import apply_activation_checkpointing
 from raytp.compile import compile_blocks
 from raytp.engine.rank import RankEngine
 from raytp.engine.spec import BuildSpec
+from raytp.inference.generator import generative
 from raytp.mesh import DeviceMesh
 from raytp.metrics import count_params
 from raytp.nn.kernels import apply_overlap
@@ -26,7 +27,8 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     overlap setting (collective for ``"symm_mem"``), the compiled blocks, activation
     checkpointing, the layer tags that name the collectives, the precision policy
     (master weights), and the optimizer over the local shards or their masters (none
-    for inference; DP-sharded with ``shard_over_dp``). Every rank of the mesh calls it."""
+    for inference; DP-sharded with ``shard_over_dp``); for inference, a generative
+    model's KV cache (:mod:`raytp.inference`). Every rank of the mesh calls it."""
     if not isinstance(spec, BuildSpec):
         raise TypeError(f"build_engine takes a raytp.engine.BuildSpec, got {type(spec).__name__}")
     spec.check_tp(mesh.tp_size)
@@ -38,14 +40,18 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
     masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
     optimizer = build_optimizer(spec.optimizer, module, masters, mesh) if spec.trains else None
-    return RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
-                      on_nan=spec.on_nan, lr_schedule=spec.lr_schedule, masters=masters,
-                      micro_batches=spec.micro_batches)
+    engine = RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
+                        on_nan=spec.on_nan, lr_schedule=spec.lr_schedule, masters=masters,
+                        micro_batches=spec.micro_batches, generation=spec.generation)
+    if not spec.trains and generative(module):
+        engine.generation.prepare()  # an inference rank's KV cache is made now, from what is free
+    return engine
 
 
 def describe(engine: RankEngine, spec: BuildSpec) -> dict[str, Any]:
-    """What the driver learns from a build: the model's size, this rank's bytes, and
-    what checks its batches on the driver (:func:`raytp.validate.batch_checker`)."""
+    """What the driver learns from a build: the model's size, this rank's bytes, what
+    checks its batches on the driver (:func:`raytp.validate.batch_checker`), and what
+    it checks prompts against (:meth:`raytp.inference.Generator.describe`)."""
     module = engine.model
     return {"params": count_params(module), **engine.memory_bytes(),
-            "batch_checker": batch_checker(module, spec.loss_fn)}
+            "batch_checker": batch_checker(module, spec.loss_fn), "generation": engine.generation.describe()}

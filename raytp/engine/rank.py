@@ -24,6 +24,7 @@ from raytp.engine import accumulate
 from raytp.engine.batches import BatchFeed, batch_items, default_loss
 from raytp.engine.clock import StepClock
 from raytp.engine.spec import ON_NAN
+from raytp.inference import GenerationOptions, Generator, Request
 from raytp.mesh import DeviceMesh
 from raytp.metrics import flops_per_item, memory_bytes, peak_memory_bytes, reset_peak_memory, throughput
 from raytp.optim import clip_grad_norm_, grad_norm, poison_grads_if_nonfinite_, sync_grads
@@ -69,13 +70,15 @@ class RankEngine:
 
     With ``optimizer=None`` the rank is inference-only: its parameters do not require
     grad, ``forward`` and ``evaluate`` run without a graph, and ``backward``, ``step``
-    and ``train_step`` raise :class:`InferenceOnly`.
+    and ``train_step`` raise :class:`InferenceOnly`. ``generate_steps`` generates on
+    either kind of rank (``generation``: the cache's options, :mod:`raytp.inference`).
     """
 
     def __init__(self, mesh: DeviceMesh, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: LossFn | None = None, *, max_grad_norm: float | None = None,
                  on_nan: str = "raise", lr_schedule: Schedule | None = None,
-                 masters: MasterWeights | None = None, micro_batches: int = 1):
+                 masters: MasterWeights | None = None, micro_batches: int = 1,
+                 generation: GenerationOptions | None = None):
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan={on_nan!r} must be one of {ON_NAN}")
         self.on_nan = on_nan
@@ -95,6 +98,7 @@ class RankEngine:
         self._pending: dict[str, Any] = {}
         self.feed = BatchFeed(mesh.device, mesh.streams.data)
         self.phase: str | None = None  # the phase running now (read by RankActor.where)
+        self.generation = Generator(model, mesh, generation, keep=optimizer is None)
 
     def _compute_loss(self, batch):
         return accumulate.loss_parts(self.loss_fn(self.model, batch), batch)
@@ -248,6 +252,14 @@ class RankEngine:
         batch = self.feed.now(batch)  # keeps any prefetched batch
         loss, extras = self._micro_batches(batch, backward=False)
         return {"loss": loss.item(), **extras}
+
+    def generate_steps(self, requests: list[Request], max_steps: int, **options) -> dict[str, Any]:
+        """Continuous-batching generation, one call of the driver's loop: ``requests`` join
+        the queue, then up to ``max_steps`` decode steps; the (prompt index, id) events
+        decided meanwhile (:meth:`raytp.inference.Generator.steps`, which says the
+        ``options``). Every rank of a TP group is called with the same arguments."""
+        with self._named("generate"):
+            return self.generation.steps(requests, max_steps, **options)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds in parameters, gradients, optimizer state and master

@@ -12,6 +12,7 @@ from torch import nn
 
 from raytp.activation_ckpt import check_mode, choose
 from raytp.compile import CompileOptions, compile_options, select_parts
+from raytp.inference.generator import GenerationOptions
 from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
@@ -51,6 +52,13 @@ class BuildSpec:
       dict ``{fnmatch pattern: True}`` or a tuple of patterns names, or as a
       :class:`raytp.compile.CompileOptions` says; a plain module without blocks is compiled whole.
       Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`).
+    - ``max_batch``, ``max_len``: the KV cache of generation (``cluster.generate``), slots and
+      positions per slot; None sizes them (:func:`raytp.inference.cache.size_cache`: from
+      the device memory free after the weights, ``max_len`` at most the model's
+      ``max_seq_len``; modest defaults on CPU). An inference-only rank makes the cache at
+      build and keeps it; a training rank makes it at each generation (for its prompts,
+      where None) and frees it after.
+    - ``cuda_graphs``: decode steps as CUDA graphs (ignored on CPU).
     """
 
     model: Any
@@ -66,8 +74,12 @@ class BuildSpec:
     micro_batches: int = 1
     activation_checkpointing: str | Mapping[str, str] | None = None
     compile: bool | Mapping | tuple | CompileOptions = False
+    max_batch: int | None = None
+    max_len: int | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self):
+        GenerationOptions(self.max_batch, self.max_len, self.cuda_graphs)  # a ValueError naming a bad one
         if self.on_nan not in ON_NAN:
             raise ValueError(f"on_nan={self.on_nan!r} must be one of {ON_NAN}")
         if self.overlap not in OVERLAP:
@@ -117,6 +129,11 @@ class BuildSpec:
         if opt is not None and not callable(getattr(opt, "build", None)):
             raise TypeError(f"optimizer must be an optimizer spec with build(params) (raytp.AdamW, "
                             f"raytp.SGD) or None for inference, got {type(opt).__name__}")
+
+    @property
+    def generation(self) -> GenerationOptions:
+        """The generation options (:class:`raytp.inference.GenerationOptions`)."""
+        return GenerationOptions(self.max_batch, self.max_len, self.cuda_graphs)
 
     @property
     def trains(self) -> bool:

@@ -191,6 +191,33 @@ class GPT(nn.Module):
             x = layer(x, rope, kv_cache[i] if kv_cache else None)
         return self.lm_head(self.norm(x))  # (B, T, V_padded / tp)
 
+    def forward_at(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache,
+                   last: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids at (B, T) positions, each row its own, through one cache per layer
+        (``kv_cache[i].attend(...)``, see :class:`~raytp.nn.ParallelAttention`) -> (B, T,
+        V_padded / tp) logits; with ``last`` (B,), the logits of position ``last[b]`` of
+        each row only, (B, V_padded / tp) (the LM head runs on those rows alone).
+
+        What :mod:`raytp.inference` decodes with: prompts of different lengths prefilled
+        together, slots decoded at their own positions. Runs without sequence parallelism
+        (inside :func:`sequence_parallel_off`). Collectives: as :meth:`forward`.
+        """
+        if self.embed.sequence_parallel:
+            raise RuntimeError("forward_at() runs without sequence parallelism: call it inside "
+                               "sequence_parallel_off(model)")
+        x = self.embed(input_ids)  # (B, T, d_model)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.at(positions)
+        x = self.embed_dropout(x)
+        rope = None
+        if self.config.positions == "rope":
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (B, T, head_dim)
+        for layer, cache in zip(self.layers, kv_cache, strict=True):
+            x = layer(x, rope, cache)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, d_model)
+        return self.lm_head(self.norm(x))
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy, the same scalar on every rank.
 

@@ -115,11 +115,13 @@ class ParallelAttention(nn.Module):
     the sequence, with ``sequence_parallel``. ``qkv`` is a :class:`QKVParallelLinear`,
     ``proj`` a row-parallel (n_heads * head_dim -> d_model) projection. In between,
     (B, heads_per_rank, T, head_dim) through ``scaled_dot_product_attention``.
-    ``forward(x, rope=(cos, sin), kv_cache=...)``: the (T, head_dim) RoPE tables of
-    the input's positions (None for no rotation), and a :class:`KVCache` to append
-    to and attend over; ``attn_mask`` (B, T_keys), nonzero at the keys that may be
-    attended to (padding masked out). Attention-probability dropout draws from ``rng``'s sharded
-    state: each rank holds different heads. ``init_std`` initializes ``qkv`` and
+    ``forward(x, rope=(cos, sin), kv_cache=...)``: the (T, head_dim) or (B, T, head_dim)
+    RoPE tables of the input's positions (None for no rotation), and a cache to append
+    to and attend over, called as ``kv_cache.attend(q, k, v, attend, attn_mask)`` (a
+    :class:`KVCache`, or one layer of a :class:`raytp.inference.SlotCache`); ``attn_mask``
+    (B, T_keys), nonzero at the keys that may be attended to (padding masked out).
+    Attention-probability dropout draws from ``rng``'s sharded state: each rank holds
+    different heads. ``init_std`` initializes ``qkv`` and
     ``out_init_std`` (default ``init_std``; GPT-2 scales it by 1 / sqrt(2 n_layers)) ``proj``:
     normal(0, std) weights and zero biases, or ``nn.Linear``'s initialization for None.
     Collectives: forward one all-reduce; backward one all-reduce (under sequence
@@ -154,9 +156,10 @@ class ParallelAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope_qk(q, k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads_per_rank, T, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, kv_heads_per_rank, cached + T, hd)
-        out = self._attend(q, k, v, attn_mask)  # (B, heads_per_rank, T, hd)
+        if kv_cache is None:
+            out = self._attend(q, k, v, attn_mask)  # (B, heads_per_rank, T, hd)
+        else:  # the cache stores k, v and attends over what it holds (KVCache, raytp.inference)
+            out = kv_cache.attend(q, k, v, self._attend, attn_mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _attend(self, q, k, v, key_mask):

@@ -120,9 +120,10 @@ class PositionEmbedding(nn.Module):
     """Learned absolute positions: a (max_len, dim) table, replicated on every rank.
 
     ``forward(start, length)`` returns the rows of positions [start, start + length)
-    as (1, length, dim); with ``sequence_parallel``, this rank's chunk of them,
-    (1, length / tp, dim), and the gradient of the table, a partial sum over the
-    sequence chunks, is summed over the TP group by :func:`raytp.sync_grads`.
+    as (1, length, dim) (``at(positions)``: those of (B, T) positions, (B, T, dim)); with
+    ``sequence_parallel``, this rank's chunk of them, (1, length / tp, dim), and the
+    gradient of the table, a partial sum over the sequence chunks, is summed over the TP
+    group by :func:`raytp.sync_grads`.
     Initialized normal(0, ``init_std``). Collectives: none.
     """
 
@@ -149,3 +150,8 @@ class PositionEmbedding(nn.Module):
         if self.sequence_parallel:
             rows = local_chunk(rows, self.mesh.tp_comm, SEQ_DIM)  # (1, length / tp, dim)
         return rows
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of ``positions`` (B, T), each row its own: (B, T, dim). For decoding,
+        which runs without sequence parallelism."""
+        return F.embedding(positions, self.weight)

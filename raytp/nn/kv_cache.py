@@ -33,5 +33,12 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``k``, ``v`` and return ``attend(q, keys, values, key_mask)`` over every
+        cached position (the protocol :class:`~raytp.nn.ParallelAttention` calls a cache by)."""
+        k, v = self.update(k, v)
+        return attend(q, k, v, key_mask)
+
     def __repr__(self):
         return f"KVCache(length={self.length}, max_len={self.max_len})"

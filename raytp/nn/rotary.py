@@ -34,11 +34,13 @@ _fused_rope, _fused_rope_qk = Fused(_rope), Fused(_rope_qk)  # one kernel each w
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, heads, head_dim) by the (T, head_dim) tables of its positions."""
-    return _fused_rope(x, cos[:, None, :], sin[:, None, :])
+    """Rotate ``x`` (B, T, heads, head_dim) by the tables of its positions: (T, head_dim),
+    the same positions in every row, or (B, T, head_dim), each row its own (decoding
+    slots of different lengths)."""
+    return _fused_rope(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`apply_rope` of queries and keys at the same positions, in one fused call."""
-    return _fused_rope_qk(q, k, cos[:, None, :], sin[:, None, :])
+    return _fused_rope_qk(q, k, cos.unsqueeze(-2), sin.unsqueeze(-2))
