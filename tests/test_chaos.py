@@ -228,14 +228,18 @@ def _report(name, plan, plan_path, cluster):
 
 
 def _rank_processes() -> list[str]:
-    """The command lines of this machine's rank actor processes (Ray titles a worker by
-    its actor class: "ray::RankActor", "ray::RankActor.train_step")."""
+    """The command lines of the rank actor processes of this test process's own local Ray
+    (its raylet is our child, the workers its children; another pytest worker's Ray is not
+    looked at). Ray titles a worker by its actor class: "ray::RankActor.train_step"."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::RankActor") and proc.info["status"] != psutil.STATUS_ZOMBIE:
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd, status = " ".join(proc.cmdline()), proc.status()
+        except psutil.NoSuchProcess:
+            continue
+        if cmd.startswith("ray::RankActor") and status != psutil.STATUS_ZOMBIE:
             found.append(cmd)
     return found
 

@@ -54,11 +54,15 @@ def test_ray_job_submit_runs_a_tpcluster():
     address = f"http://127.0.0.1:{dash_port}"
     try:
         _wait_for_job_server(address, head)
-        out = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
-             str(ROOT / "examples"), "--", sys.executable, "ray_job.py", "--epochs", "8"],
-            capture_output=True, text=True, timeout=600, env=env)
-        log = out.stdout + out.stderr
+        for _ in range(12):  # the job server answers before the head's agent has registered
+            out = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
+                 str(ROOT / "examples"), "--", sys.executable, "ray_job.py", "--epochs", "8"],
+                capture_output=True, text=True, timeout=600, env=env)
+            log = out.stdout + out.stderr
+            if "No available agent to submit job" not in log:
+                break
+            time.sleep(5)
         assert "succeeded" in log.lower(), log[-4000:]
         # the job's TPCluster joined this head's cluster rather than starting one of its own
         assert re.search(rf"connecting to the Ray cluster at [\w.:\[\]-]+:{gcs_port}\b", log), log[-4000:]
