@@ -135,8 +135,8 @@ def check_plan_flow(module: nn.Module, chosen: Mapping[str, str | Style]) -> Non
                 f"next layer with parameters, {name!r} ({type(sub).__name__}), is not in the plan and "
                 f"would see that sharded output: a colwise output must reach a rowwise layer (or be "
                 f"gathered) before any replicated layer with parameters, in the order the submodules are "
-                f"registered. Make the layer that takes {sharded!r}'s output 'rowwise' (before {name!r}), or "
-                f"make {sharded!r} 'colwise_gather'")
+                f"registered. Make the layer that takes {sharded!r}'s output 'rowwise' ({name!r} itself, "
+                f"if it is that layer), or make {sharded!r} 'colwise_gather'")
     if sharded is not None:
         raise ValueError(
             f"plan: {sharded!r} is colwise and no rowwise layer follows it, so the model's output would "
