@@ -43,18 +43,26 @@ class Recorder(Callback):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local):
+def cluster2(ray_local):
+    with raytp.TPCluster(tp=2, device="cpu") as cluster:  # no checkpoint_dir
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster2):
     """The losses of 10 steps in one fit(), without checkpoints (tests/_crash_driver.py's run)."""
-    with raytp.TPCluster(tp=2, device="cpu") as cluster:
-        cluster.build(Net, plan=PLAN, optimizer=OPT, seed=0)
-        return [h["loss"] for h in cluster.fit(make_batches(10), progress=False)]
+    cluster2.build(Net, plan=PLAN, optimizer=OPT, seed=0)
+    return [h["loss"] for h in cluster2.fit(make_batches(10), progress=False)]
 
 
 def test_checkpoints_named_by_steps_callbacks_and_fit_resumes_after_load(ray_local, uninterrupted, tmp_path):
     batches = make_batches(7)
     recorder = Recorder()
     with raytp.TPCluster(tp=2, device="cpu", checkpoint_dir=str(tmp_path), checkpoint_every=3) as cluster:
+        with pytest.raises(RuntimeError, match=r"resume\(\) before build\(\): build the same model first"):
+            cluster.resume()
         cluster.build(Net, plan=PLAN, optimizer=OPT, seed=0)
+        assert cluster.resume() == {"checkpoint": None, "data_position": 0, "step": None, "extra": None}
         history = cluster.fit(batches, eval_batch=batches[0], eval_every=2, callbacks=[recorder],
                               progress=False)
         losses = [h["loss"] for h in history]
@@ -84,19 +92,16 @@ def test_checkpoints_named_by_steps_callbacks_and_fit_resumes_after_load(ray_loc
         assert [h["loss"] for h in cluster.fit(batches, progress=False)] == losses[6:]
 
 
-def test_resume_and_callbacks_refuse_what_they_cannot_do(ray_local, tmp_path):
-    with raytp.TPCluster(tp=1, device="cpu", checkpoint_dir=str(tmp_path)) as cluster:
-        with pytest.raises(RuntimeError, match=r"resume\(\) before build\(\): build the same model first"):
-            cluster.resume()
-        cluster.build(Net, plan=PLAN, optimizer=OPT, seed=0)
-        assert cluster.resume() == {"checkpoint": None, "data_position": 0, "step": None, "extra": None}
-        with pytest.raises(TypeError, match=r"callback 3 has none of the methods on_step, on_eval, "
-                                            r"on_checkpoint; subclass raytp.driver.callbacks.Callback"):
-            cluster.fit(make_batches(1), callbacks=[3], progress=False)
-    with raytp.TPCluster(tp=1, device="cpu") as cluster:
-        cluster.build(Net, plan=PLAN, optimizer=OPT, seed=0)
-        with pytest.raises(ValueError, match=r"resume\(\) needs TPCluster\(..., checkpoint_dir=...\)"):
-            cluster.resume()
+def test_resume_and_callbacks_refuse_what_they_cannot_do(cluster2):
+    cluster2.build(Net, plan=PLAN, optimizer=OPT, seed=0)
+    with pytest.raises(ValueError, match=r"resume\(\) needs TPCluster\(..., checkpoint_dir=...\)"):
+        cluster2.resume()
+    with pytest.raises(TypeError, match=r"callback 3 has none of the methods on_step, on_eval, "
+                                        r"on_checkpoint; subclass raytp.driver.callbacks.Callback"):
+        cluster2.fit(make_batches(1), callbacks=[3], progress=False)
+    with pytest.raises(TypeError, match=r"^callbacks must be a list of objects with on_step"):
+        cluster2.fit(make_batches(1), callbacks=Recorder(), progress=False)
+    assert cluster2.data_position == 0  # refused before any step
 
 
 def _alive(pid: int) -> bool:
