@@ -94,8 +94,10 @@ def main(tps: list[int], check: bool) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tp", type=int, nargs="+", default=[2, 3, 4])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tp", type=int, nargs="+", default=[2, 3, 4],
+                        help="tensor-parallel sizes to embed at, one cluster each")
     parser.add_argument("--check", action="store_true", help="compare with transformers")
     args = parser.parse_args()
     main(args.tp, args.check)

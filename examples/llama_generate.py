@@ -99,11 +99,13 @@ def run(path: str | Path | None, tps: list[int], max_new_tokens: int = 16, lengt
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--path", default=None,
-                        help="a Llama checkpoint directory (default: a tiny random one)")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--new-tokens", type=int, default=16)
+                        help="a Llama checkpoint directory (None: a tiny random one)")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2],
+                        help="tensor-parallel sizes to generate at, one cluster each")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
     args = parser.parse_args()
     outputs = run(args.path, args.tp, args.new_tokens, show_stream=True)
     for name, ids in outputs.items():

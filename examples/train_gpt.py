@@ -70,11 +70,9 @@ def bpe_tokens(data: np.ndarray, vocab_size: int):
     return tokenizer, np.asarray(ids, dtype=np.int64)
 
 
-def windows(data: np.ndarray, batch: int, seq: int, rng: np.random.Generator, skip: int = 0):
-    """Endless batches of random (batch, seq) windows as int64 token ids; the first
-    ``skip`` are drawn and dropped (a resumed run continues the same stream)."""
-    for _ in range(skip):
-        rng.integers(0, len(data) - seq, batch)
+def windows(data: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
+    """Endless batches of random (batch, seq) windows as int64 token ids (the same stream
+    each run: a resumed ``fit`` skips the batches its checkpoint covers)."""
     while True:
         starts = rng.integers(0, len(data) - seq, batch)
         yield {"input_ids": np.stack([data[s:s + seq] for s in starts]).astype(np.int64)}
@@ -142,13 +140,12 @@ def main(tp: int = 2, steps: int = 300, d_model: int = 128, n_layers: int = 4, s
         options = (recipe_options(cluster.device, steps) if recipe
                    else {"optimizer": raytp.AdamW(lr=3e-3, weight_decay=0.1), "max_grad_norm": 1.0})
         info = cluster.build(config, **options)
-        done = 0
-        if resume and cluster.recovery.latest() is not None:
-            done = cluster.load(str(cluster.recovery.latest()))["data_position"]
+        done = cluster.resume()["data_position"] if resume else 0  # fit() then skips those batches
+        if done:
             print(f"resumed from {cluster.recovery.latest()} after {done} steps")
         print(f"{cluster}: GPT with {info['params']:,} parameters on {len(data):,} tokens of stdlib source")
-        history = cluster.fit(windows(train, batch, seq, np.random.default_rng(0), skip=done),
-                              steps=min(steps, stop_after or steps) - done, eval_batch=eval_batch,
+        history = cluster.fit(windows(train, batch, seq, np.random.default_rng(0)),
+                              steps=min(steps, stop_after or steps), eval_batch=eval_batch,
                               eval_every=max(1, steps // 10), progress=progress, log_dir=log_dir)
         final = cluster.evaluate(eval_batch)["loss"]
         prompt = (np.asarray(tokenizer.encode("def __init__(self").ids) if tokenizer is not None else

@@ -79,6 +79,22 @@ def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str | Style
         from raytp.models.hf_parallel import parallelize_hf
 
         return parallelize_hf(module, mesh)
+    chosen = check_plan(module, plan)
+    for name, style in chosen.items():
+        factory = STYLES[style] if isinstance(style, str) else style
+        try:
+            replacement = factory(module.get_submodule(name), mesh)
+        except ValueError as e:
+            raise ValueError(f"{name!r} ({style}): {e}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, replacement)
+    return module
+
+
+def check_plan(module: nn.Module, plan) -> dict[str, str | Style]:
+    """``{submodule name: style}`` of ``plan`` on ``module`` (it may live on the meta
+    device: nothing is computed); a ``ValueError`` for a style that is not one, a
+    pattern that matches nothing, a name two patterns match or a module of the wrong type."""
     if not isinstance(plan, dict) or not plan:
         raise ValueError(f"plan must be a non-empty dict of pattern -> style, or 'auto'; got {plan!r}")
     for pattern, style in plan.items():
@@ -86,19 +102,46 @@ def parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, str | Style
             raise ValueError(f"plan[{pattern!r}] = {style!r} is not one of {sorted(STYLES)}")
     chosen = match_patterns(module, plan, "plan", lambda pattern, names: f"its submodules are {names}")
     for name, style in chosen.items():
-        factory = STYLES[style] if isinstance(style, str) else style
-        kind = factory.kind
+        kind = (STYLES[style] if isinstance(style, str) else style).kind
         sub = module.get_submodule(name)
         if type(sub) is not kind:
             raise ValueError(f"{name!r} is a {type(sub).__name__}; style {style!r} needs "
                              f"an {kind.__name__}")
-        try:
-            replacement = factory(sub, mesh)
-        except ValueError as e:
-            raise ValueError(f"{name!r} ({style}): {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent), child, replacement)
-    return module
+    return chosen
+
+
+def check_plan_flow(module: nn.Module, chosen: Mapping[str, str | Style]) -> None:
+    """Refuse a column-parallel output that would reach a replicated layer. The rule, on
+    the layers with parameters of their own in the order ``module`` registers them (the
+    order of ``named_modules()``: define submodules in the order ``forward`` uses them):
+    after a ``colwise`` layer (output sharded, (..., out_features / tp)), the next such
+    layer outside the plan must come after a ``rowwise`` one (which takes the sharded
+    input and all-reduces) and the model must not end on it; ``colwise_gather`` (output
+    gathered) needs nothing. Colwise layers in a row are parallel branches (Q, K, V; gate
+    and up). A ``ValueError`` naming both layers and what to write instead."""
+    sharded = None  # the last colwise layer whose output no rowwise has taken yet
+    for name, sub in module.named_modules():
+        if not name or next(sub.parameters(recurse=False), None) is None:
+            continue
+        style = chosen.get(name)
+        factory = STYLES[style] if isinstance(style, str) else style
+        if isinstance(factory, Colwise):
+            sharded = None if factory.gather_output else name
+        elif isinstance(factory, Rowwise):
+            sharded = None
+        elif factory is None and sharded is not None:
+            raise ValueError(
+                f"plan: {sharded!r} is colwise, so its output is sharded (..., features / tp), but the "
+                f"next layer with parameters, {name!r} ({type(sub).__name__}), is not in the plan and "
+                f"would see that sharded output: a colwise output must reach a rowwise layer (or be "
+                f"gathered) before any replicated layer with parameters, in the order the submodules are "
+                f"registered. Make the layer that takes {sharded!r}'s output 'rowwise' ({name!r} itself, "
+                f"if it is that layer), or make {sharded!r} 'colwise_gather'")
+    if sharded is not None:
+        raise ValueError(
+            f"plan: {sharded!r} is colwise and no rowwise layer follows it, so the model's output would "
+            f"be sharded (..., features / tp): a colwise output must reach a rowwise layer (or be "
+            f"gathered). Make {sharded!r} 'colwise_gather', or add a 'rowwise' layer after it")
 
 
 def match_patterns(module: nn.Module, patterns: Mapping[str, V], what: str,

@@ -67,7 +67,29 @@ def test_save_load_reshard_and_export(ray_local, tmp_path):
         cluster.build(CONFIG, optimizer=raytp.AdamW(lr=1e-2), seed=1)
         assert cluster.load(str(ckpt))["step"] == 3
         resharded = [cluster.train_step(b)["loss"] for b in batches[3:]]
+        _export_keeps_token_ids_and_tokenizer(cluster, tmp_path / "hf", tmp_path / "again")
     np.testing.assert_allclose(resharded, after_save, rtol=1e-9)
+
+
+def _export_keeps_token_ids_and_tokenizer(cluster, source, again):
+    """A model built from a Hugging Face directory exports with its source's bos/eos ids
+    and tokenizer files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf_config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**hf_config, "bos_token_id": 1, "eos_token_id": 2}))
+    words = models.WordLevel({f"w{i}": i for i in range(37)}, unk_token="w0")
+    tokenizer = Tokenizer(words)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(source / "tokenizer.json"))
+    cluster.build(raytp.models.pretrained(source, dtype="float64"), optimizer=None)
+    cluster.export_hf(str(again))
+    exported = json.loads((again / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
+    assert (again / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(again / "tokenizer.json"))
+    assert tokenizer("w3 w5")["input_ids"] == [3, 5]
+    assert transformers.AutoConfig.from_pretrained(again).eos_token_id == 2
 
 
 def test_bert_embeddings_example_at_tp2_equals_transformers(ray_local):

@@ -1,5 +1,6 @@
 """The ways in: the notebook, `ray job submit` against a real local head, the demo CLI."""
 
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,16 @@ def test_quickstart_notebook_runs_top_to_bottom():
     assert sorted(index for index, _ in streamed) == ["0"] * 8 + ["1"] * 8
     assert all(int(token) < 64 for _, token in streamed)
     assert any(o.get("data", {}).get("image/png") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_quickstart_notebook_defines_its_model_and_plan():
+    """The reader sees the nn.Module and the plan it is built with, not an import of them."""
+    cells = json.loads((ROOT / "examples" / "quickstart.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert re.search(r"^class DigitsMLP\(nn.Module\):", code, re.M)
+    assert re.search(r"^PLAN = \{'fc_in': 'colwise', 'fc_out': 'rowwise'", code, re.M)
+    assert "cluster.build(DigitsMLP, plan=PLAN" in code
+    assert not re.search(r"from raytp.driver.demo import .*(PLAN|DigitsMLP)", code)
 
 
 def test_ray_job_submit_runs_a_tpcluster():

@@ -45,3 +45,28 @@ def test_train_gpt_learns_below_the_unigram_entropy(tmp_path, monkeypatch):
                             png=str(png), progress=False)
     assert result["eval_loss"] < result["entropy"] - 0.4, result
     assert png.stat().st_size > 10_000 and len(result["sample"]) > 20
+
+
+def test_every_example_option_has_help_and_shows_its_default():
+    """Each examples/*.py parser prints its defaults (ArgumentDefaultsHelpFormatter) and
+    every option says what it is; ray_job.py --help shows them."""
+    import ast
+    import subprocess
+    import sys
+
+    parsers = 0
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            keywords = {k.arg for k in node.keywords}
+            if node.func.attr == "ArgumentParser":
+                parsers += 1
+                assert {"description", "formatter_class"} <= keywords, f"{path.name}:{node.lineno}"
+            if node.func.attr == "add_argument":
+                assert "help" in keywords, f"{path.name}:{node.lineno} {ast.unparse(node.args[0])}"
+    assert parsers >= 5
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "ray_job.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tensor-parallel ranks (GPUs, or CPU ranks) (default: 2)" in " ".join(out.stdout.split())

@@ -84,3 +84,23 @@ def _errors():
 
 def test_sizes_tp_does_not_divide_are_named():
     _dist.run(4, _errors)
+
+
+def test_the_driver_plan_rule_accepts_the_shipped_and_family_plans():
+    """check_plan_flow (the driver's "a colwise output must reach a rowwise layer" rule)
+    passes Llama's shipped plan and raytp's BERT plan, and refuses Llama's without the
+    rowwise down projection."""
+    from raytp.models.families import family_of_model_type
+    from raytp.models.hf_parallel import raytp_styles, shipped_plan
+    from raytp.parallelize import check_plan, check_plan_flow
+
+    llama = _model("llama")
+    styles = raytp_styles(shipped_plan(llama))
+    check_plan_flow(llama, check_plan(llama, styles))
+    bert = _model("bert")
+    check_plan_flow(bert, check_plan(bert, dict(family_of_model_type("bert").tp_plan.styles)))
+    broken = {k: v for k, v in styles.items() if not k.endswith("down_proj")}
+    with pytest.raises(ValueError, match=r"plan: 'model.layers.0.mlp.up_proj' is colwise, so its output is "
+                                         r"sharded .* 'model.layers.0.mlp.down_proj' \(Linear\), is not in "
+                                         r"the plan"):
+        check_plan_flow(llama, check_plan(llama, broken))

@@ -58,10 +58,10 @@ def _fit(tmp_path, name, at_call):
 def test_a_killed_rank_recovers_with_the_recipe_on(ray_local, tmp_path):
     clean, no_failures = _fit(tmp_path, "clean", at_call=10**9)
     # call 11 of rank 1: the first micro-batch of step 5 (two calls per step), after the
-    # first checkpoint (which holds the steps submitted before it: 4); step 5 is replayed
+    # first checkpoint (step-00000003: steps 0 to 2); steps 3 to 5 are replayed
     killed, failures = _fit(tmp_path, "killed", at_call=11)
     assert no_failures == [] and len(failures) == 1 and failures[0]["recovered"], failures
-    assert 0 < failures[0]["resumed_at"] <= 5, failures  # from a checkpoint, not from the start
+    assert failures[0]["resumed_at"] == 3, failures  # from step-00000003, not from the start
     assert [h["step"] for h in killed] == [h["step"] for h in clean] == list(range(STEPS))
     for key in ("loss", "lr", "grad_norm"):
         np.testing.assert_allclose([h[key] for h in killed], [h[key] for h in clean], rtol=1e-12, err_msg=key)

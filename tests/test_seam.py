@@ -184,3 +184,55 @@ def test_gather_returns_each_full_parameter(cluster2):
     with pytest.raises(RankError, match=r"KeyError: .*has no parameter 'fc_in.wieght'; close names: "
                                         r"\['fc_in.weight'"):
         cluster2.gather("fc_in.wieght")
+
+
+# -- mistakes refused on the driver, before any rank work --------------------------------
+
+class Clf(torch.nn.Module):
+    """A colwise layer, a replicated norm, a head: plans that leave a sharded output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in = torch.nn.Linear(12, 32, dtype=torch.float64)
+        self.norm = torch.nn.LayerNorm(32, dtype=torch.float64)
+        self.fc_out = torch.nn.Linear(32, 5, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc_out(self.norm(torch.tanh(self.fc_in(x))))
+
+
+def test_common_mistakes_are_refused_on_the_driver_with_what_to_pass(cluster2, caplog):
+    """Each a TypeError or ValueError on the driver (not a RankError from a rank), saying
+    what to pass instead; the cluster stays usable after each."""
+    sharded = r"plan: 'fc_in' is colwise, so its output is sharded \(..., features / tp\)"
+    for kwargs, error, match in [
+        ({"model": Net()}, TypeError, r"^model is an nn.Module instance \(Net\); pass its class or a "
+                                      r"zero-argument factory instead, e.g. build\(Net\) or build\(lambda"),
+        ({"optimizer": torch.optim.AdamW}, TypeError,
+         r"torch optimizer class; pass a raytp optimizer spec, e.g. raytp.AdamW\(lr=3e-4\) or raytp.SGD"),
+        ({"model": Clf, "plan": {"fc_in": "colwise", "fc_out": "rowwise"}}, ValueError,
+         sharded + r", but the next layer with parameters, 'norm' \(LayerNorm\), is not in the plan .* "
+                   r"a colwise output must reach a rowwise layer \(or be gathered\) before any replicated"),
+        ({"model": Clf, "plan": {"fc_out": "colwise"}}, ValueError,
+         r"plan: 'fc_out' is colwise and no rowwise layer follows it, so the model's output would be "
+         r"sharded.* Make 'fc_out' 'colwise_gather', or add a 'rowwise' layer after it"),
+        ({"plan": {"fc_in": "columnwise", "fc_out": "rowwise"}}, ValueError,
+         r"^plan\['fc_in'\] = 'columnwise' is not one of \['colwise', 'colwise_gather', 'rowwise', 'vocab'"),
+        ({"plan": {"fc_inn": "colwise", "fc_out": "rowwise"}}, ValueError,
+         r"^plan pattern 'fc_inn' matches no submodule of Net; its submodules are \['fc_in', 'fc_out'\]"),
+    ]:
+        with pytest.raises(error, match=match):
+            cluster2.build(**{"model": Net, "plan": PLAN, **kwargs})
+    assert cluster2.build(Clf, plan={"fc_in": "colwise_gather"})["trains"]  # gathered: it builds
+    with caplog.at_level("WARNING", logger="raytp.engine.spec"):
+        cluster2.build(Net, plan=None)
+    assert "plan=None: Net is replicated whole on every rank (no tensor parallelism)" in caplog.text
+    plain = (r"^export_hf\(\) writes raytp's GPT-2 and Llama models as Hugging Face checkpoints .* this "
+             r"cluster's model comes from Net, a plain module: save it with cluster.save\(path\)")
+    with pytest.raises(TypeError, match=plain):
+        cluster2.export_hf("/nonexistent/never-written")
+    cluster2.build(raytp.models.BertConfig(vocab_size=64, n_layers=1, n_heads=2, d_model=16), optimizer=None)
+    with pytest.raises(ValueError, match=r"^raytp exports GPT-2 or Llama checkpoints; the model's config "
+                                         r"is a BertConfig"):
+        cluster2.export_hf("/nonexistent/never-written")
+    assert cluster2.build(Net, plan=PLAN)["trains"]  # still usable

@@ -16,6 +16,7 @@ from typing import Any
 
 from raytp.checkpoint.files import commit_dir, staging_dir, verify_files
 from raytp.checkpoint.sharded import read_index, write_index
+from raytp.driver import export
 from raytp.models.hf_export import export_dtype
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,20 @@ def load(cluster, path: str | Path) -> dict[str, Any]:
 def export_hf(cluster, path: str | Path, dtype: str | None = None) -> str:
     """Gather the model (its master weights under mixed precision) and write it as a
     Hugging Face checkpoint at ``path`` (atomically), its tensors in ``dtype`` (None: as
-    the ranks hold them; see :func:`raytp.models.hf_export.export_hf`)."""
+    the ranks hold them; see :func:`raytp.models.hf_export.export_hf`). A model built from
+    a Hugging Face directory gets its bos/eos/pad ids and tokenizer files
+    (:mod:`raytp.driver.export`); one raytp cannot export is refused before any rank work."""
     if dtype is not None:
         export_dtype(dtype)  # a bad name refused here, before any rank work
+    if cluster.built:
+        export.check_exportable(cluster.spec)
     path, staging, results = _staged(cluster, path, "export_hf", "export_hf", dtype)
-    if not any(results):
+    try:
+        if not any(results):
+            raise RuntimeError("no rank wrote the export")
+        export.complete_from_source(staging, export.source_directory(cluster.spec))
+        commit_dir(staging, path)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError("no rank wrote the export")
-    commit_dir(staging, path)
+        raise
     return str(path)

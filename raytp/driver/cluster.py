@@ -10,18 +10,17 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import ray
 
-from raytp.driver import checkpointing, generation, launch, recovery
+from raytp.driver import checkpointing, generation, launch, recovery, steplog
 from raytp.driver.group import RankGroup
 from raytp.driver.pending import Pending, PutBatch, put_batch
 from raytp.driver.progress import fit_loop
 from raytp.driver.recovery import RecoveryPolicy
-from raytp.driver.steplog import StepLog
+from raytp.driver.steplog import StepLog, mean_over_dp
 from raytp.engine import BuildSpec, InferenceOnly
 from raytp.engine.rank import NO_OPTIMIZER
 from raytp.engine.spec import DEFAULT_OPTIMIZER
@@ -57,6 +56,7 @@ class TPCluster:
         self.steps = StepLog(tp, self.world_size)
         self.spec: BuildSpec | None = None  # what the ranks were built from (recover() builds it again)
         self._data_position = 0  # training batches consumed since build (or as loaded)
+        self._loaded_at = 0  # the data position a checkpoint restored, until the next fit() skips it
         self._phases: list[Pending] = []  # this step's forward and backward, until its step()
         self._batch_checker = None  # checks batches on the driver; set by build() (raytp.validate)
         self._batches_put = 0
@@ -91,16 +91,15 @@ class TPCluster:
     def build(self, model, *, plan: Mapping[str, str] | None = None, loss_fn: Callable | None = None,
               optimizer=DEFAULT_OPTIMIZER, seed: int = 0, **options) -> dict:
         """Build the model shard on every rank from ``BuildSpec(model, plan=..., loss_fn=...,
-        optimizer=..., seed=..., **options)`` (:class:`raytp.engine.BuildSpec`: it says what
-        each option does, e.g. ``max_grad_norm``, ``overlap``, ``on_nan``, and checks them,
-        here on the driver), or from ``model`` when it is a ``BuildSpec``. ``optimizer=None``
-        builds inference-only ranks: no optimizer state, no gradients; the training phases
-        raise. From then on every batch is checked on the driver before it is sent
+        optimizer=..., seed=..., **options)`` (:class:`raytp.engine.BuildSpec` says what each
+        option does and checks them, here on the driver), or from ``model``, a ``BuildSpec``.
+        ``optimizer=None`` builds inference-only ranks. Every batch is then checked on the driver
         (:mod:`raytp.validate`). Returns sizes, rank bytes, the KV cache (Generation.sizes)."""
         spec = model if isinstance(model, BuildSpec) else BuildSpec(
             model=model, plan=plan, loss_fn=loss_fn, optimizer=optimizer, seed=seed, **options)
         infos = self.group.build(spec)  # checked here first: sizes, module names, pickling
-        self.spec, self._data_position, self._batch_checker = spec, 0, infos[0]["batch_checker"]
+        self.spec, self._data_position, self._loaded_at = spec, 0, 0
+        self._batch_checker = infos[0]["batch_checker"]
         self.generation = generation.Generation(infos[0]["generation"])  # what generate() checks against
         return {"params": infos[0]["params"], "param_bytes_per_rank": [i["param_bytes"] for i in infos],
                 "trains": spec.trains, "generation": self.generation.sizes}
@@ -148,14 +147,10 @@ class TPCluster:
 
     def submit_evaluate(self, batch: Mapping[str, Any]) -> Pending:
         return self._submit("evaluate", [(ref,) for ref in self.put_batch(batch).refs],
-                            finish=self._mean_over_dp)
+                            finish=lambda results: mean_over_dp(results, self.tp))
 
     def evaluate(self, batch: Mapping[str, Any]) -> dict:  # loss and extras, no grad, mean over DP
         return self.submit_evaluate(batch).result()
-
-    def _mean_over_dp(self, results: list[dict]) -> dict:
-        leaders = results[:: self.tp]
-        return {k: float(np.mean([r[k] for r in leaders])) for k in leaders[0]}
 
     def submit_run(self, method: str | Callable, *args, per_rank_args: list[tuple] | None = None,
                    phase: str | None = None) -> Pending:
@@ -185,15 +180,20 @@ class TPCluster:
         return self.run("gather", name)[0]
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, steps: int | None = None,
-            eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0,
-            progress: bool = True, log_dir: str | None = None) -> list[dict]:
-        """Train on ``batches`` (at most ``steps`` of them) with a progress bar (step, loss,
-        lr, throughput); evaluate ``eval_batch`` every ``eval_every`` steps; with ``log_dir``,
-        write TensorBoard event files there (:mod:`raytp.driver.tensorboard`). Step k+1 is
-        submitted before step k's metrics are read. Returns the per-step history."""
+            eval_batch: Mapping[str, Any] | None = None, eval_every: int = 0, progress: bool = True,
+            log_dir: str | None = None, callbacks: Sequence = (), resume: bool = True) -> list[dict]:
+        """Train on ``batches`` (at most its first ``steps``) with a progress bar; evaluate
+        ``eval_batch`` every ``eval_every`` steps; ``callbacks`` get each step, evaluation and
+        checkpoint (:mod:`raytp.driver.callbacks`; ``log_dir``: TensorBoard's). After
+        :meth:`load`, :meth:`resume` or :meth:`recover`, ``resume`` skips the batches the
+        checkpoint's data position says were consumed (:func:`raytp.driver.progress.fit_loop`)."""
         self._need_training("fit")
-        return fit_loop(self, batches, steps=steps, eval_batch=eval_batch, eval_every=eval_every,
-                        progress=progress, log_dir=log_dir)
+        skip, self._loaded_at = (self._loaded_at if resume else 0), 0
+        try:
+            return fit_loop(self, batches, steps=steps, eval_batch=eval_batch, eval_every=eval_every,
+                            progress=progress, log_dir=log_dir, callbacks=callbacks, skip=skip)
+        finally:
+            self._loaded_at = 0  # a recovery in fit() loaded a checkpoint: fit() replayed from it
 
     def _submit(self, phase: str, args: list[tuple] | None = None, finish=None,
                 after: list[Pending] | None = None, training: bool = False) -> Pending:
@@ -246,10 +246,10 @@ class TPCluster:
         return checkpointing.save(self, path, extra=extra)
 
     def load(self, path: str) -> dict:
-        """Load a checkpoint saved at any tp into the built model; returns ``{"step",
-        "data_position", "extra"}``."""
+        """Load a checkpoint saved at any tp into the built model (the next :meth:`fit` skips
+        the batches it covers); returns ``{"step", "data_position", "extra"}``."""
         state = checkpointing.load(self, path)
-        self._data_position = state["data_position"]
+        self._data_position = self._loaded_at = state["data_position"]
         return state
 
     def export_hf(self, path: str, dtype: str | None = None) -> str:
@@ -263,12 +263,12 @@ class TPCluster:
         Returns ``{"checkpoint", "data_position"}`` (:func:`raytp.driver.recovery.rebuild`)."""
         return recovery.rebuild(self)
 
-    def plot_timeline(self, path: str, steps: int | None = None) -> str:
-        """Where the time went, per rank and phase, in the last ``steps`` steps (all when
-        None), drawn into the PNG file ``path`` (:func:`raytp.timeline.plot_timeline`)."""
-        from raytp.timeline import plot_timeline  # matplotlib, only when asked for
+    def resume(self) -> dict:
+        """On a new driver: load the last good checkpoint in ``checkpoint_dir`` into the built
+        model; the next :meth:`fit` skips its batches (:func:`raytp.driver.recovery.resume`)."""
+        return recovery.resume(self)
 
-        return plot_timeline(self.metrics(), path, steps=steps)
+    plot_timeline = steplog.plot_timeline  # (path, steps=None): where the time went, as a PNG
 
     # -- life -----------------------------------------------------------------------------
 

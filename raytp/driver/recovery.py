@@ -45,6 +45,8 @@ class RecoveryPolicy:
         return bool(self.checkpoint_every) and steps_done % self.checkpoint_every == 0
 
     def path(self, data_position: int) -> Path:
+        """``checkpoint_dir/step-<data position, 8 digits>``: named by the steps completed
+        since build (``checkpoint_every=10``: ``step-00000010``, ``step-00000020``)."""
         return Path(self.checkpoint_dir) / f"step-{data_position:08d}"
 
     def latest(self) -> Path | None:
@@ -119,3 +121,24 @@ def rebuild(cluster) -> dict:
     log.warning("recovered from %s at data position %d in %.1fs",
                 checkpoint or "the initial weights", position, time.monotonic() - start)
     return {"checkpoint": str(checkpoint) if checkpoint else None, "data_position": position}
+
+
+def resume(cluster) -> dict:
+    """Load the last good checkpoint of ``cluster.recovery.checkpoint_dir`` into the built
+    model, as a new driver does after the old one died; the next ``fit`` skips the batches
+    it covers. Returns ``{"checkpoint", "data_position", "step", "extra"}``; with no
+    checkpoint yet, ``checkpoint`` is None and training starts at data position 0."""
+    if not cluster.recovery.checkpoint_dir:
+        raise ValueError("resume() needs TPCluster(..., checkpoint_dir=...): the directory fit() "
+                         "saves its checkpoints in (with checkpoint_every=N)")
+    if not cluster.built:
+        raise RuntimeError("resume() before build(): build the same model first (cluster.build(...)), "
+                           "then resume() loads its last checkpoint")
+    checkpoint = cluster.recovery.latest()
+    if checkpoint is None:
+        log.info("resume(): no checkpoint in %s yet: starting at data position 0",
+                 cluster.recovery.checkpoint_dir)
+        return {"checkpoint": None, "data_position": cluster.data_position, "step": None, "extra": None}
+    state = cluster.load(str(checkpoint))
+    log.info("resumed from %s at data position %d", checkpoint, state["data_position"])
+    return {"checkpoint": str(checkpoint), **state}

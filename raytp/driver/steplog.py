@@ -3,6 +3,8 @@ summary per step, and the submitted steps whose metrics are not read yet."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from actors.telemetry import record_stragglers
 from raytp.metrics import summarize_step
 
@@ -57,3 +59,17 @@ class StepLog:
     def history(self) -> list[dict]:
         self.drain()
         return list(self._history)
+
+
+def mean_over_dp(results: list[dict], tp: int) -> dict:
+    """The mean over DP groups of each value of the TP leaders' results (an evaluation)."""
+    leaders = results[::tp]
+    return {k: float(np.mean([r[k] for r in leaders])) for k in leaders[0]}
+
+
+def plot_timeline(cluster, path: str, steps: int | None = None) -> str:
+    """Where the time went, per rank and phase, in the last ``steps`` steps (all when
+    None), drawn into the PNG file ``path`` (:func:`raytp.timeline.plot_timeline`)."""
+    from raytp.timeline import plot_timeline as plot  # matplotlib, only when asked for
+
+    return plot(cluster.metrics(), path, steps=steps)

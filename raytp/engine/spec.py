@@ -3,6 +3,7 @@ rank (and a ``torchrun`` script passes to :func:`raytp.engine.build_engine`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from raytp.nn.kernels import OVERLAP
 from raytp.optim import AdamW
 from raytp.precision import MixedPrecision
 from raytp.schedules import Schedule, check_schedule
+
+log = logging.getLogger(__name__)
 
 ON_NAN = ("raise", "skip")  # what a step does when its loss or gradient norm is not finite
 DEFAULT_OPTIMIZER = AdamW()
@@ -84,6 +87,11 @@ class BuildSpec:
             raise ValueError(f"on_nan={self.on_nan!r} must be one of {ON_NAN}")
         if self.overlap not in OVERLAP:
             raise ValueError(f"overlap={self.overlap!r} must be one of {OVERLAP}")
+        if isinstance(self.model, nn.Module):
+            name = type(self.model).__name__
+            raise TypeError(f"model is an nn.Module instance ({name}); pass its class or a zero-argument "
+                            f"factory instead, e.g. build({name}) or build(lambda: {name}(...)): each rank "
+                            "makes its own copy and keeps its shards")
         if not (hasattr(self.model, "build") or callable(self.model)):
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
@@ -146,25 +154,47 @@ class BuildSpec:
             self.model.check_tp(tp)
 
     def check(self, tp: int) -> None:
-        """Everything the driver can refuse before any rank work: :meth:`check_tp`, :meth:`check_names`."""
+        """Everything the driver can refuse before any rank work: :meth:`check_tp`, and on a
+        plain module made on the meta device, :meth:`check_plan` and :meth:`check_names`."""
         self.check_tp(tp)
-        self.check_names()
-
-    def check_names(self) -> None:
-        """Refuse, before any rank work, module-name patterns (``activation_checkpointing``,
-        ``compile``) that match no submodule of a plain module: the factory's module is
-        made on the meta device (no memory) and matched. A factory that cannot run on the
-        meta device is left to the ranks' own check."""
-        ckpt = self.activation_checkpointing if isinstance(self.activation_checkpointing, Mapping) else None
-        options = compile_options(self.compile)
-        parts = options.parts if options is not None else None
-        if hasattr(self.model, "build") or not (ckpt or parts):
+        module = self._meta_module()
+        if module is None:
             return
+        self.check_plan(module, tp)
+        self.check_names(module)
+
+    def _meta_module(self) -> nn.Module | None:
+        """The factory's module on the meta device (no memory); None for a raytp config, or
+        a factory that cannot run there (e.g. it reads weights): the ranks check those."""
+        if hasattr(self.model, "build"):
+            return None
         try:
             with torch.device("meta"):
                 module = self.model()
-        except Exception:  # noqa: BLE001 - e.g. a factory that reads weights: the ranks check
+        except Exception:  # noqa: BLE001 - the ranks run it for real and report its error
+            return None
+        return module if isinstance(module, nn.Module) else None
+
+    def check_plan(self, module: nn.Module, tp: int) -> None:
+        """Refuse, before any rank work, a plan with an unknown style, a pattern that matches
+        nothing, a module of the wrong type, or a colwise output that reaches a replicated
+        layer (:func:`raytp.parallelize.check_plan_flow`). ``plan=None`` is logged: the
+        model is replicated on every rank."""
+        from raytp.parallelize import check_plan, check_plan_flow
+
+        if self.plan is None:
+            (log.warning if tp > 1 else log.info)(
+                "plan=None: %s is replicated whole on every rank (no tensor parallelism); pass "
+                "plan={pattern: 'colwise' | 'rowwise' | ...} to shard it", type(module).__name__)
             return
+        check_plan_flow(module, check_plan(module, dict(self.plan)))
+
+    def check_names(self, module: nn.Module) -> None:
+        """Refuse module-name patterns (``activation_checkpointing``, ``compile``) that match
+        no submodule of the plain module ``module``."""
+        ckpt = self.activation_checkpointing if isinstance(self.activation_checkpointing, Mapping) else None
+        options = compile_options(self.compile)
+        parts = options.parts if options is not None else None
         if ckpt:
             choose(module, ckpt)
         if parts:
