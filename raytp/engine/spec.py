@@ -51,7 +51,9 @@ class BuildSpec:
     - ``compile``: ``torch.compile`` each transformer block in place (True), the submodules a
       dict ``{fnmatch pattern: True}`` or a tuple of patterns names, or as a
       :class:`raytp.compile.CompileOptions` says; a plain module without blocks is compiled whole.
-      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`).
+      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`). With
+      ``activation_checkpointing="full"`` each compiled block is checkpointed around its
+      compiled call (:mod:`raytp.activation_ckpt`); ``"selective"`` is refused with compile.
     - ``max_batch``, ``max_len``: the KV cache of generation (``cluster.generate``), slots and
       positions per slot; None sizes them (:func:`raytp.inference.cache.size_cache`: from
       the device memory free after the weights, ``max_len`` at most the model's
@@ -88,11 +90,11 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
-        compile_options(self.compile)  # a ValueError naming a value it does not take
-        if self.compile and self.activation_checkpointing:
-            raise ValueError(f"compile={self.compile!r} with activation_checkpointing="
-                             f"{self.activation_checkpointing!r} is not supported yet (untested together): "
-                             "use one of the two")
+        options = compile_options(self.compile)  # a ValueError naming a value it does not take
+        if self.activation_checkpointing == "selective" and options is not None and options.parts is None:
+            raise ValueError(f"activation_checkpointing='selective' with compile={self.compile!r}: only "
+                             "'full' checkpoints a compiled block (selective's policy sees no op inside a "
+                             "compiled graph; inductor already recomputes the cheap ops there)")
         check_schedule(self.lr_schedule)
         if self.lr_schedule is not None and self.optimizer is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
