@@ -108,9 +108,14 @@ class MasterWeights:
         sync_grads(self.params, mesh)
         _move_grads(self.params, self.masters)
 
+    def grad_params(self) -> list[nn.Parameter]:
+        """What holds the gradients until the step: the masters."""
+        return self.masters
+
     @torch.no_grad()
-    def to_model(self) -> None:
-        """Round the masters into the model's parameters (after a step or a load)."""
+    def to_model(self, loaded: MasterView | None = None) -> None:
+        """Round the masters into the model's parameters (after a step, or a load into
+        ``loaded``, a :meth:`view`: it holds the masters themselves)."""
         for p, m in zip(self.params, self.masters, strict=True):
             p.copy_(m)
 

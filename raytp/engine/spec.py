@@ -100,10 +100,6 @@ class BuildSpec:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
                              "builds inference-only ranks")
         check_mode(self.activation_checkpointing)
-        if self.precision is not None and getattr(self.optimizer, "shard_over_dp", False):
-            raise ValueError(f"precision={self.precision!r} with shard_over_dp=True is not supported yet: "
-                             "the DP-sharded optimizer would keep whole master weights on every rank; "
-                             "use one of the two")
         if self.plan is not None and not isinstance(self.plan, Mapping):
             raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
                             f"{type(self.plan).__name__}")
