@@ -168,14 +168,18 @@ class CheckpointedCompiled:
         snapshot = dict(self.tracker.states) if self.tracker is not None else None
         calls = []
 
-        def run(*inputs):
+        def run(_anchor, *inputs):
             if not calls:  # the forward, without a graph
                 calls.append(1)
                 return self.compiled(*inputs, **kwargs)
             with _replay(self.tracker, snapshot):
                 return self.compiled(*inputs, **kwargs)
 
-        return ckpt.checkpoint(run, *args, use_reentrant=True, preserve_rng_state=True)
+        # the reentrant checkpoint's output needs an input that requires grad, or the block's
+        # parameters get none (a first block fed by data): an empty one, always
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        anchor = torch.empty(0, device=device, requires_grad=True)
+        return ckpt.checkpoint(run, anchor, *args, use_reentrant=True, preserve_rng_state=True)
 
 
 def _has_cache(args) -> bool:

@@ -131,3 +131,28 @@ def test_checkpoint_keeps_the_fp32_masters_at_any_dp(saved, tmp_path, tp, dp, sh
             for key in first:
                 if not key.startswith("rng/"):
                     torch.testing.assert_close(second[key], first[key], msg=key, **EXACT)
+
+
+def _dp1_messages():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("raytp.zero")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        built = [type(_engine(mesh(2, 1), True, seed=0).optimizer).__name__,
+                 type(build_engine(mesh(2, 1), BuildSpec(model=CONFIG, optimizer=raytp.AdamW(
+                     shard_over_dp=True))).optimizer).__name__]
+    finally:
+        logger.removeHandler(handler)
+    return built, [r.getMessage() for r in records]
+
+
+def test_shard_over_dp_at_dp1_is_allowed_and_logged():
+    (built, messages), (_, other) = _dist.run(2, _dp1_messages)
+    assert built == ["AdamW", "AdamW"]  # the plain optimizer, with and without mixed precision
+    assert messages == ["shard_over_dp=True at dp=1: nothing to shard; the plain AdamW is used"] * 2
+    assert other == []  # logged once, from global rank 0
