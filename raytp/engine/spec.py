@@ -150,18 +150,19 @@ class BuildSpec:
 
     def check_names(self) -> None:
         """Refuse, before any rank work, module-name patterns (``activation_checkpointing``,
-        ``compile``) that match no submodule of a plain module: the factory's module is
-        made on the meta device (no memory) and matched. A factory that cannot run on the
-        meta device is left to the ranks' own check."""
+        ``compile``) that match no submodule: matched against a module with the ranks'
+        names made on the driver (:func:`raytp.engine.names.module_for_names`: a plain
+        factory's on the meta device, a raytp config's in miniature). Where none can be
+        made, the ranks check when they build."""
+        from raytp.engine.names import module_for_names
+
         ckpt = self.activation_checkpointing if isinstance(self.activation_checkpointing, Mapping) else None
         options = compile_options(self.compile)
         parts = options.parts if options is not None else None
-        if hasattr(self.model, "build") or not (ckpt or parts):
+        if not (ckpt or parts):
             return
-        try:
-            with torch.device("meta"):
-                module = self.model()
-        except Exception:  # noqa: BLE001 - e.g. a factory that reads weights: the ranks check
+        module = module_for_names(self.model)
+        if module is None:
             return
         if ckpt:
             choose(module, ckpt)
