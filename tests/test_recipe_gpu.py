@@ -44,7 +44,7 @@ def test_mixed_precision_tracks_fp32_and_pure_bf16_does_not():
     off = {name: max(abs(a - b) / b for a, b in zip(run, fp32, strict=True))
            for name, run in (("mixed", mixed), ("bf16", bf16))}
     assert fp32[-1] < 0.8 * fp32[0], fp32  # it learns
-    assert off["mixed"] < 2e-2, off  # bf16 rounding of the forward only
+    assert off["mixed"] < 5e-2, off  # bf16 rounding of the forward and backward only
     assert off["mixed"] < off["bf16"], off
 
 
