@@ -19,6 +19,9 @@
   (:meth:`MasterWeights.view`), so a checkpoint loads into a mixed or a full-precision
   build alike.
 
+With a DP-sharded optimizer (``shard_over_dp=True`` at dp > 1) the masters are sharded
+with the optimizer state instead (:mod:`raytp.zero_mixed`): each DP rank keeps 1/dp.
+
 float16 is not offered: it needs loss scaling, which raytp does not do.
 """
 
