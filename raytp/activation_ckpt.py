@@ -19,6 +19,16 @@ The recompute replays the forward exactly: torch's RNG states are restored by
 then put back after. Collectives inside a block run again in the recompute, on every
 rank in the same order (the backward's order); they recompute the same values, and the
 backward of each region op runs once, from the original graph.
+
+A compiled submodule (``compile=True``, :mod:`raytp.compile`) is checkpointed
+(``"full"`` only) around its compiled call, by torch's reentrant checkpoint
+(:class:`CheckpointedCompiled`): the checkpoint itself runs eager, and the recompute
+calls the same compiled code again. So the RNG replay above holds as in eager mode (torch's generator
+states are set back before the recompute; the TP regions' forks are graph breaks that
+run eager), and the collectives between the compiled graphs run eager, counted, once in
+the forward and once in the recompute, as without compile. (Compiling a block that holds
+the checkpoint instead would put torch's checkpoint, its RNG contexts and the graph
+breaks of the collectives inside one Dynamo frame.)
 """
 
 from __future__ import annotations
@@ -99,7 +109,16 @@ def apply_activation_checkpointing(module: nn.Module, mode) -> dict[str, str]:
         sub = module.get_submodule(name)
         if getattr(sub, _MARK, None):
             raise ValueError(f"{name!r} is checkpointed already")
-        sub.forward = Checkpointed(sub.forward, m, tracker)
+        compiled = getattr(sub, "_compiled_call_impl", None)  # nn.Module.compile's (raytp.compile)
+        if compiled is not None:  # the checkpoint around the compiled call: see the module docstring
+            if m != "full":
+                raise ValueError(f"activation_checkpointing={m!r} of the compiled {name!r}: only 'full' "
+                                 "checkpoints a compiled block (selective's policy sees no op inside a "
+                                 "compiled graph; inductor's partitioner already recomputes the cheap "
+                                 "ops there): use 'full', or compile=False")
+            sub._compiled_call_impl = CheckpointedCompiled(compiled, tracker)
+        else:
+            sub.forward = Checkpointed(sub.forward, m, tracker)
         setattr(sub, _MARK, m)
     log.info("activation checkpointing: %d submodules (%s)", len(chosen), sorted(set(chosen.values())))
     return chosen
@@ -130,6 +149,37 @@ class Checkpointed:
             fwd.append(f)
             rec.append(r)
         return _stack(fwd), _stack(rec)
+
+
+class CheckpointedCompiled:
+    """A compiled module call under torch's reentrant checkpoint (``"full"``): the forward
+    runs without a graph, keeping only the inputs; the backward calls the compiled code
+    again with a graph and back-propagates through it. (The non-reentrant checkpoint
+    recomputes with Dynamo disabled, so it would compare eager recomputed tensors with the
+    compiled forward's.) The TP RNG regions are set back for the recompute here; torch's
+    generators by the checkpoint. Keyword arguments are passed through, not differentiated."""
+
+    def __init__(self, compiled, tracker: RNGTracker | None):
+        self.compiled, self.tracker = compiled, tracker
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled() or kwargs.get("kv_cache") is not None or _has_cache(args):
+            return self.compiled(*args, **kwargs)
+        snapshot = dict(self.tracker.states) if self.tracker is not None else None
+        calls = []
+
+        def run(_anchor, *inputs):
+            if not calls:  # the forward, without a graph
+                calls.append(1)
+                return self.compiled(*inputs, **kwargs)
+            with _replay(self.tracker, snapshot):
+                return self.compiled(*inputs, **kwargs)
+
+        # the reentrant checkpoint's output needs an input that requires grad, or the block's
+        # parameters get none (a first block fed by data): an empty one, always
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        anchor = torch.empty(0, device=device, requires_grad=True)
+        return ckpt.checkpoint(run, anchor, *args, use_reentrant=True, preserve_rng_state=True)
 
 
 def _has_cache(args) -> bool:

@@ -29,8 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from torch import nn
+from torch.utils import checkpoint
 
 log = logging.getLogger(__name__)
+
+# exceptions that are not failures: torch's checkpoint stops a recompute early by raising one
+_CONTROL_FLOW = tuple(getattr(checkpoint, name) for name in ("_StopRecomputationError",)
+                      if hasattr(checkpoint, name))
+_EAGER = "_raytp_compile_failed"  # set on a part whose compiled call failed: it runs eager
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,12 @@ def _compile_part(part: nn.Module, name: str, options: CompileOptions, where: st
     compiled = part._compiled_call_impl
 
     def guarded(*args, **kwargs):
+        if getattr(part, _EAGER, False):
+            return part._call_impl(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
+        except _CONTROL_FLOW:
+            raise
         except Exception as exc:  # noqa: BLE001 - eager mode tells a compile error from the forward's
             failure = exc
         out = part._call_impl(*args, **kwargs)  # an error of the forward itself raises here
@@ -158,8 +168,17 @@ def _compile_part(part: nn.Module, name: str, options: CompileOptions, where: st
 
 
 def _fall_back(part: nn.Module, name: str, exc: Exception, where: str) -> None:
-    part._compiled_call_impl = None
+    """The part runs eager from now on. A part whose compiled call was wrapped since
+    (activation checkpointing around it, :mod:`raytp.activation_ckpt`) keeps the wrapper:
+    the guard then calls the eager forward itself."""
+    if getattr(part, "_compiled_call_impl", None) is not None:
+        setattr(part, _EAGER, True)
     log.warning("torch.compile of %s failed%s, running it eager: %s", name, where, _reason(exc))
+
+
+def is_compiled(part: nn.Module) -> bool:
+    """Whether ``part`` runs compiled: compiled and not fallen back to eager."""
+    return getattr(part, "_compiled_call_impl", None) is not None and not getattr(part, _EAGER, False)
 
 
 def _reason(exc: BaseException) -> str:

@@ -165,7 +165,7 @@ class SGD:
         """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
         parameters), grouped as :func:`grouped` says; DP-sharded over ``mesh`` with
         ``shard_over_dp`` (:mod:`raytp.zero`)."""
-        return _make(torch.optim.SGD, self, grouped(params, self.weight_decay, self.no_decay), mesh)
+        return _make(self, grouped(params, self.weight_decay, self.no_decay), mesh)
 
 
 @dataclass(frozen=True)
@@ -191,11 +191,17 @@ class AdamW:
         """The optimizer over ``params`` (a module, its ``named_parameters()``, or plain
         parameters), grouped as :func:`grouped` says; DP-sharded over ``mesh`` with
         ``shard_over_dp`` (:mod:`raytp.zero`)."""
-        return _make(torch.optim.AdamW, self, grouped(params, self.weight_decay, self.no_decay), mesh)
+        return _make(self, grouped(params, self.weight_decay, self.no_decay), mesh)
 
 
-def _make(inner: type[torch.optim.Optimizer], spec, groups: list, mesh) -> torch.optim.Optimizer:
-    hypers = {k: v for k, v in asdict(spec).items() if k not in ("no_decay", "shard_over_dp")}
+def torch_optimizer(spec: SGD | AdamW) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The torch optimizer class of a raytp spec and its keyword arguments."""
+    inner = torch.optim.AdamW if isinstance(spec, AdamW) else torch.optim.SGD
+    return inner, {k: v for k, v in asdict(spec).items() if k not in ("no_decay", "shard_over_dp")}
+
+
+def _make(spec, groups: list, mesh) -> torch.optim.Optimizer:
+    inner, hypers = torch_optimizer(spec)
     if spec.shard_over_dp:
         from raytp.zero import build_sharded
 

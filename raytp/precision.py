@@ -19,6 +19,9 @@
   (:meth:`MasterWeights.view`), so a checkpoint loads into a mixed or a full-precision
   build alike.
 
+With a DP-sharded optimizer (``shard_over_dp=True`` at dp > 1) the masters are sharded
+with the optimizer state instead (:mod:`raytp.zero_mixed`): each DP rank keeps 1/dp.
+
 float16 is not offered: it needs loss scaling, which raytp does not do.
 """
 
@@ -108,9 +111,14 @@ class MasterWeights:
         sync_grads(self.params, mesh)
         _move_grads(self.params, self.masters)
 
+    def grad_params(self) -> list[nn.Parameter]:
+        """What holds the gradients until the step: the masters."""
+        return self.masters
+
     @torch.no_grad()
-    def to_model(self) -> None:
-        """Round the masters into the model's parameters (after a step or a load)."""
+    def to_model(self, loaded: MasterView | None = None) -> None:
+        """Round the masters into the model's parameters (after a step, or a load into
+        ``loaded``, a :meth:`view`: it holds the masters themselves)."""
         for p, m in zip(self.params, self.masters, strict=True):
             p.copy_(m)
 

@@ -56,12 +56,16 @@ class _Bucket:
         for p in params:
             a, b = max(lo, offset), min(hi, offset + p.numel())
             if a < b:
-                self.pieces.append(_Piece(p, a - offset, b - a, p.detach().view(-1)[a - offset:b - offset]))
+                self.pieces.append(self.piece(p, a - offset, b - a))
             offset += p.numel()
         if not self.pieces:  # a bucket smaller than dp slices: an empty piece keeps the state's keys
             last = params[-1]
-            self.pieces.append(_Piece(last, last.numel(), 0, last.detach().view(-1)[last.numel():]))
+            self.pieces.append(self.piece(last, last.numel(), 0))
         self.pad = self.per_rank - sum(piece.length for piece in self.pieces)  # on the last ranks
+
+    def piece(self, param: torch.Tensor, start: int, length: int) -> _Piece:
+        """The owned elements ``[start, start + length)`` of ``param``: a view of its storage."""
+        return _Piece(param, start, length, param.detach().view(-1)[start:start + length])
 
     def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(dp * per_rank,) the tensors of the bucket's parameters end to end, zero-padded."""
@@ -70,27 +74,30 @@ class _Bucket:
         return torch.cat(parts + [parts[0].new_zeros(extra)])
 
     @torch.no_grad()
-    def reduce_scatter_grads(self) -> None:
-        """Each piece's ``.grad``: the DP mean of the gradients over the piece (a missing
-        gradient counts as zeros)."""
-        if any(p.grad is None for p in self.params) and not self.warned:
+    def reduce_scatter_grads(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """Each piece's ``.grad`` (in the piece's dtype): the DP mean of the gradients over
+        the piece, reduced in their own dtype. ``grads``: one per parameter (default: their
+        ``.grad``); a missing gradient counts as zeros."""
+        grads = [p.grad for p in self.params] if grads is None else grads
+        if any(g is None for g in grads) and not self.warned:
             self.warned = True  # torch's optimizers skip such a parameter; here it decays
             log.warning("a trainable parameter has no gradient: the DP-sharded optimizer steps it with "
                         "zeros (weight decay and momentum still apply)")
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.flat(grads)
+        flat = self.flat([g if g is not None else torch.zeros_like(p) for p, g in zip(self.params, grads,
+                                                                                      strict=True)])
         out = flat.new_empty(self.per_rank)
         self.dp.reduce_scatter(out, flat)
         out.mul_(1.0 / self.dp.size)
         start = 0
         for piece in self.pieces:
-            piece.view.grad = out[start:start + piece.length]
+            piece.view.grad = out[start:start + piece.length].to(piece.view.dtype)
             start += piece.length
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """Every rank's updated slice into every parameter."""
-        local = torch.cat([piece.view for piece in self.pieces] + [self.params[0].new_zeros(self.pad)])
+        """Every rank's updated slice into every parameter (in the parameters' dtype)."""
+        dtype, pad = self.params[0].dtype, self.params[0].new_zeros(self.pad)
+        local = torch.cat([piece.view.to(dtype) for piece in self.pieces] + [pad])
         full = local.new_empty(self.dp.size * self.per_rank)
         self.dp.all_gather(full, local)
         for p, part in zip(self.params, full[:self.numel].split([p.numel() for p in self.params]),
@@ -110,10 +117,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     (see the module docstring). ``param_groups`` are the model's (a schedule may set their
     ``lr``; it reaches the slices at the next step); ``state`` is the slices' state."""
 
+    bucket_class = _Bucket  # how a bucket makes its pieces (raytp.zero_mixed: master copies)
+
     def __init__(self, params, inner: type[torch.optim.Optimizer], defaults: dict, mesh: DeviceMesh):
         super().__init__(params, defaults)
         self.mesh, self.inner_class = mesh, inner
-        self.buckets = [[_Bucket(ps, mesh.dp_comm) for ps in _by_dtype(g["params"]) if ps]
+        self.buckets = [[self.bucket_class(ps, mesh.dp_comm) for ps in _by_dtype(g["params"]) if ps]
                         for g in self.param_groups]
         self.inner = inner([{**_hypers(g), "params": [piece.view for b in buckets for piece in b.pieces]}
                             for g, buckets in zip(self.param_groups, self.buckets, strict=True)])
@@ -126,16 +135,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def sync_grads_and_norm(self, max_grad_norm: float | None) -> torch.Tensor:
         """TP partial sums, the DP reduce-scatter, the global gradient norm (the same on
         every rank), and the slices clipped to ``max_grad_norm`` (None: not clipped)."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        _sync_tp_grads(params)
-        for bucket in self._all_buckets():
-            bucket.reduce_scatter_grads()
+        self._reduce_grads()
         norm = self._grad_norm()
         if max_grad_norm:
             coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
             for piece in self._pieces():
                 piece.view.grad.mul_(coef.to(piece.view.dtype))
         return norm
+
+    def _reduce_grads(self) -> None:
+        """Steps 1 and 2: the TP partial sums, then the DP reduce-scatter into the pieces."""
+        _sync_tp_grads([p for g in self.param_groups for p in g["params"]])
+        for bucket in self._all_buckets():
+            bucket.reduce_scatter_grads()
 
     def _pieces(self):
         return [piece for b in self._all_buckets() for piece in b.pieces]
@@ -155,16 +167,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("a DP-sharded optimizer takes no closure")
-        for piece in self._pieces():
-            offset = piece.start * piece.param.element_size()
-            if piece.length and piece.view.data_ptr() != piece.param.data_ptr() + offset:
-                raise RuntimeError("a parameter's storage was replaced after the sharded optimizer was "
-                                   "built; build the optimizer after casting or moving the model")
+        self._check_storage()
         for group, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
             inner.update(_hypers(group))
         self.inner.step()
         for bucket in self._all_buckets():
             bucket.all_gather_params()
+
+    def _check_storage(self) -> None:
+        for piece in self._pieces():
+            offset = piece.start * piece.param.element_size()
+            if piece.length and piece.view.data_ptr() != piece.param.data_ptr() + offset:
+                raise RuntimeError("a parameter's storage was replaced after the sharded optimizer was "
+                                   "built; build the optimizer after casting or moving the model")
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none)
@@ -179,27 +194,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def unsharded(self) -> torch.optim.Optimizer:
-        """A torch optimizer of the inner class over the model's parameters holding the
-        whole state, gathered over DP (collective: one all-gather per bucket and state)."""
-        full = self.inner_class([{**g} for g in self.param_groups])
+    def unsharded(self, keys: dict | None = None) -> torch.optim.Optimizer:
+        """A torch optimizer of the inner class over the model's parameters (or what
+        ``keys``, ``{id(param): tensor}``, maps them to: the checkpoint's tensors) holding
+        the whole state, gathered over DP (collective: one all-gather per bucket and state)."""
+        full = self.empty_unsharded(keys)
+        key = _key_of(keys)
         for bucket in self._all_buckets():
             for p, entries in _gathered(bucket, self.inner.state).items():
-                full.state[p] = entries
+                full.state[key(p)] = entries
         return full
 
+    def empty_unsharded(self, keys: dict | None = None) -> torch.optim.Optimizer:
+        """An unsharded optimizer of the inner class with no state (see :meth:`unsharded`)."""
+        key = _key_of(keys)
+        return self.inner_class([{**g, "params": [key(p) for p in g["params"]]} for g in self.param_groups])
+
     @torch.no_grad()
-    def load_unsharded(self, full: torch.optim.Optimizer) -> None:
+    def load_unsharded(self, full: torch.optim.Optimizer, keys: dict | None = None) -> None:
         """Take this rank's slice of ``full``'s state (and its hyperparameters)."""
+        key = _key_of(keys)
         for group, saved in zip(self.param_groups, full.param_groups, strict=True):
             group.update(_hypers(saved))
         self.inner.state.clear()
         for piece in self._pieces():
-            saved = full.state.get(piece.param, {})
+            saved = full.state.get(key(piece.param), {})
             span = slice(piece.start, piece.start + piece.length)
             self.inner.state[piece.view] = {
                 k: (v.reshape(-1)[span] if v.shape == piece.param.shape else v).clone()
                 for k, v in saved.items()}
+
+
+def _key_of(keys: dict | None):
+    return (lambda p: p) if keys is None else (lambda p: keys[id(p)])
 
 
 def _gathered(bucket: _Bucket, state) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
@@ -277,20 +304,27 @@ def build_sharded(inner: type[torch.optim.Optimizer], params, hypers: dict,
     return ShardedOptimizer(params, inner, hypers, mesh)
 
 
-def unsharded(optimizer):
-    """What a checkpoint saves: the whole state (a collective over DP for a sharded
-    optimizer, which every rank must call), else ``optimizer`` itself."""
-    return optimizer.unsharded() if isinstance(optimizer, ShardedOptimizer) else optimizer
+def _keys(model) -> dict | None:
+    """``{id(param): tensor}``: what the checkpoint's ``model`` holds for each parameter the
+    optimizer steps, where it is not the parameter itself (a view of DP-sharded masters,
+    :mod:`raytp.zero_mixed`)."""
+    return getattr(model, "tensor_of", None)
 
 
-def unsharded_target(optimizer):
+def unsharded(optimizer, model=None):
+    """What a checkpoint of ``model`` saves: the whole state (a collective over DP for a
+    sharded optimizer, which every rank must call), else ``optimizer`` itself."""
+    return optimizer.unsharded(_keys(model)) if isinstance(optimizer, ShardedOptimizer) else optimizer
+
+
+def unsharded_target(optimizer, model=None):
     """What a checkpoint loads into: an empty unsharded optimizer for a sharded one (then
     :func:`finish_load`), else ``optimizer`` itself."""
     if isinstance(optimizer, ShardedOptimizer):
-        return optimizer.inner_class([{**g} for g in optimizer.param_groups])
+        return optimizer.empty_unsharded(_keys(model))
     return optimizer
 
 
-def finish_load(optimizer, target) -> None:
+def finish_load(optimizer, target, model=None) -> None:
     if isinstance(optimizer, ShardedOptimizer):
-        optimizer.load_unsharded(target)
+        optimizer.load_unsharded(target, _keys(model))

@@ -229,6 +229,9 @@ def test_recipe_bench_runs_every_setting_on_cpu(ray_local, tmp_path):
     # checkpointing recomputes, it does not change the step: the same losses as mixed alone
     mixed = report["settings"]["mixed"]["loss"]
     assert report["settings"]["mixed+full"]["loss"] == report["settings"]["mixed+selective"]["loss"] == mixed
+    # full checkpointing around the compiled blocks: the compiled run's losses (bf16 compute)
+    compiled = report["settings"]["mixed+compile"]["loss"]
+    assert report["settings"]["mixed+full+compile"]["loss"] == pytest.approx(compiled, rel=1e-2)
 
 
 def test_recipe_bench_runs_the_settings_asked_for(ray_local, tmp_path, capsys):

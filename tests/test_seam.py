@@ -104,6 +104,25 @@ def test_patterns_that_match_nothing_are_refused_on_the_driver(cluster2):
     assert cluster2.build(Net, plan=PLAN, activation_checkpointing={"fc_in": "full"})["trains"]
 
 
+def test_a_raytp_configs_patterns_are_matched_on_the_driver():
+    """A raytp config's module names come from a miniature of it built on the driver (the
+    1.1B Llama's in milliseconds): a pattern that matches nothing is a ValueError before any
+    rank work; torch's RNG is left as it was."""
+    from raytp.models import BertConfig, GPTConfig
+
+    llama = GPTConfig(vocab_size=32000, n_layers=22, n_heads=32, n_kv_heads=4, d_model=2048, d_ff=5632,
+                      norm="rmsnorm", activation="swiglu", positions="rope", bias=False)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=r"activation_checkpointing pattern 'layer\.\*' matches no "):
+        BuildSpec(llama, activation_checkpointing={"layer.*": "full"}).check(2)
+    with pytest.raises(ValueError, match=r"compile pattern 'layers\.22' matches no submodule"):
+        BuildSpec(llama, compile=("layers.22",)).check(2)
+    BuildSpec(llama, activation_checkpointing={"layers.*.mlp": "full"}, compile=("layers.21",)).check(2)
+    with pytest.raises(ValueError, match=r"'encoder\.\*' matches no submodule"):
+        BuildSpec(BertConfig(n_layers=2), activation_checkpointing={"encoder.*": "full"}).check(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_torchrun_builds_the_rank_a_ray_actor_builds(cluster2):
     """examples/torchrun_gpt.py builds its rank with build_engine from a BuildSpec; at
     tp=2 under torchrun it trains exactly as tp=1 under torchrun and as the same spec

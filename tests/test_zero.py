@@ -170,9 +170,7 @@ def test_checkpoint_loads_at_any_dp(saved, tp, dp, shard, saved_sharded):
 def test_driver_builds_sharded_checkpointed_ranks(ray_local, tmp_path):
     """TPCluster.build(optimizer=AdamW(shard_over_dp=True), activation_checkpointing="full")
     trains as the plain build (dropout on), saves and loads; a pattern that matches
-    nothing fails the build naming it."""
-    from raytp.driver import RankError
-
+    nothing fails the build naming it, on the driver."""
     config = GPTConfig(**{**vars(CONFIG), "dropout": 0.1})
     batches = [{"input_ids": torch.randint(0, 37, (4, 8), generator=torch.Generator().manual_seed(s)).numpy()}
                for s in range(4)]
@@ -187,6 +185,6 @@ def test_driver_builds_sharded_checkpointed_ranks(ray_local, tmp_path):
         cluster.build(config, optimizer=raytp.AdamW(lr=1e-2), seed=3)
         cluster.load(str(tmp_path / "ckpt"))
         assert cluster.train_step(batches[3])["loss"] == pytest.approx(after, rel=1e-12)
-        with pytest.raises(RankError, match="'layer.*' matches no submodule"):
+        with pytest.raises(ValueError, match="'layer.*' matches no submodule"):  # on the driver
             cluster.build(config, activation_checkpointing={"layer.*": "full"})
     assert losses[True] == pytest.approx(losses[False], rel=1e-12)

@@ -39,7 +39,7 @@ def save_rank(directory: str | Path, model: nn.Module, optimizer, mesh: DeviceMe
     the step, comes from global rank 0 only (None elsewhere). No collectives, except the
     DP all-gathers of a DP-sharded optimizer's state (every rank calls it)."""
     rng = rng_state(_tracker(model), mesh.device)
-    optimizer = zero.unsharded(optimizer)  # a DP-sharded optimizer's state gathered (collective over DP)
+    optimizer = zero.unsharded(optimizer, model)  # a DP-sharded optimizer's state gathered (collective)
     files = write_shard(Path(directory), model, optimizer, mesh, rng)
     meta = {**describe(model, optimizer, mesh), "step": int(step)} if mesh.rank == 0 else None
     return {"files": files, "meta": meta}
@@ -54,9 +54,9 @@ def load_rank(path: str | Path, model: nn.Module, optimizer, mesh: DeviceMesh) -
     with SavedShards(Path(path), index) as shards:
         load_params_(shards, model, mesh)
         if optimizer is not None:
-            target = zero.unsharded_target(optimizer)
+            target = zero.unsharded_target(optimizer, model)
             load_optimizer_(shards, model, target, mesh)
-            zero.finish_load(optimizer, target)  # a DP-sharded optimizer keeps its slice
+            zero.finish_load(optimizer, target, model)  # a DP-sharded optimizer keeps its slice
         rng, own = read_rng(shards, mesh.tp_rank, mesh.tp_size)
     set_rng_state(rng, _tracker(model), mesh.device, same_tp_rank=own)
     log.info("loaded %s (saved at tp=%d) at tp rank %d/%d", path, index["tp"], mesh.tp_rank, mesh.tp_size)

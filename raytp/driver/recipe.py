@@ -1,7 +1,7 @@
 """``raytp bench recipe``: one training step of a Llama-style model under each setting
 of the training recipe, in one run on the same GPUs — pure bf16, mixed precision (fp32
-master weights), mixed + selective / full activation checkpointing (and mixed +
-compiled blocks where the build has ``compile``). Reports ms/step, TFLOP/s, MFU, peak
+master weights), mixed + selective / full activation checkpointing, mixed + compiled
+blocks, and mixed + full checkpointing around compiled blocks. Reports ms/step, TFLOP/s, MFU, peak
 memory and the activation memory (peak minus what the rank holds between steps).
 
 The default model is the issue's 1.1B Llama: d_model 2048, 22 layers, 32 heads, 4 KV
@@ -18,7 +18,6 @@ import statistics
 import numpy as np
 
 import raytp
-from raytp.engine import BuildSpec
 from raytp.models import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,9 @@ def settings(config: GPTConfig, device: str) -> dict[str, dict]:
            "mixed": {"model": master, "precision": MIXED},
            "mixed+selective": {"model": master, "precision": MIXED, "activation_checkpointing": "selective"},
            "mixed+full": {"model": master, "precision": MIXED, "activation_checkpointing": "full"}}
-    if "compile" in {f.name for f in dataclasses.fields(BuildSpec)}:
-        out["mixed+compile"] = {"model": master, "precision": MIXED, "compile": True}
+    out["mixed+compile"] = {"model": master, "precision": MIXED, "compile": True}
+    out["mixed+full+compile"] = {"model": master, "precision": MIXED, "activation_checkpointing": "full",
+                                 "compile": True}
     return out
 
 

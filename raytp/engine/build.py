@@ -18,6 +18,7 @@ from raytp.nn.kernels import apply_overlap
 from raytp.optim import build_optimizer
 from raytp.precision import apply_precision
 from raytp.validate import batch_checker
+from raytp.zero_mixed import build_sharded_mixed
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ def build_engine(mesh: DeviceMesh, spec: BuildSpec) -> RankEngine:
     compile_blocks(module, spec.compile, mesh)
     apply_activation_checkpointing(module, spec.activation_checkpointing)
     tracing.tag_submodules(module)  # collectives carry the name of the layer issuing them
-    masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
-    optimizer = build_optimizer(spec.optimizer, module, masters, mesh) if spec.trains else None
+    if spec.trains and spec.precision is not None and getattr(spec.optimizer, "shard_over_dp", False) \
+            and mesh.dp_size > 1:  # masters sharded with the optimizer state, made before the cast
+        optimizer, masters = build_sharded_mixed(spec.optimizer, module, spec.precision, mesh)
+    else:
+        masters = apply_precision(module, spec.precision, spec.trains)  # None without a policy
+        optimizer = build_optimizer(spec.optimizer, module, masters, mesh) if spec.trains else None
     engine = RankEngine(mesh, module, optimizer, spec.loss_fn, max_grad_norm=spec.max_grad_norm,
                         on_nan=spec.on_nan, lr_schedule=spec.lr_schedule, masters=masters,
                         micro_batches=spec.micro_batches, generation=spec.generation)

@@ -118,7 +118,7 @@ class RankEngine:
 
     def _grad_params(self) -> list[torch.Tensor]:
         """The tensors whose gradients the optimizer steps: the masters, or the model's."""
-        return self.masters.masters if self.masters is not None else list(self.model.parameters())
+        return self.masters.grad_params() if self.masters is not None else list(self.model.parameters())
 
     @property
     def weights(self):
@@ -285,9 +285,10 @@ class RankEngine:
         """Load model, optimizer state, step and RNG states from a checkpoint saved at any tp;
         returns ``{"step", "data_position", "extra"}``."""
         with self._named("load"):
-            state = load_rank(path, self.weights, self.optimizer, self.mesh)
+            weights = self.weights  # under mixed precision with ZeRO-1, the masters gathered over DP
+            state = load_rank(path, weights, self.optimizer, self.mesh)
             if self.masters is not None:
-                self.masters.to_model()
+                self.masters.to_model(weights)
         self.step_count = state["step"]
         self._loss, self._pending = None, {}
         return state

@@ -54,7 +54,9 @@ class BuildSpec:
     - ``compile``: ``torch.compile`` each transformer block in place (True), the submodules a
       dict ``{fnmatch pattern: True}`` or a tuple of patterns names, or as a
       :class:`raytp.compile.CompileOptions` says; a plain module without blocks is compiled whole.
-      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`).
+      Collectives stay graph breaks, counted as in eager mode (:mod:`raytp.compile`). With
+      ``activation_checkpointing="full"`` each compiled block is checkpointed around its
+      compiled call (:mod:`raytp.activation_ckpt`); ``"selective"`` is refused with compile.
     - ``max_batch``, ``max_len``: the KV cache of generation (``cluster.generate``), slots and
       positions per slot; None sizes them (:func:`raytp.inference.cache.size_cache`: from
       the device memory free after the weights, ``max_len`` at most the model's
@@ -96,20 +98,16 @@ class BuildSpec:
             raise TypeError(f"model must be a raytp model config or a zero-argument callable, "
                             f"got {type(self.model).__name__}")
         self._check_optimizer()
-        compile_options(self.compile)  # a ValueError naming a value it does not take
-        if self.compile and self.activation_checkpointing:
-            raise ValueError(f"compile={self.compile!r} with activation_checkpointing="
-                             f"{self.activation_checkpointing!r} is not supported yet (untested together): "
-                             "use one of the two")
+        options = compile_options(self.compile)  # a ValueError naming a value it does not take
+        if self.activation_checkpointing == "selective" and options is not None and options.parts is None:
+            raise ValueError(f"activation_checkpointing='selective' with compile={self.compile!r}: only "
+                             "'full' checkpoints a compiled block (selective's policy sees no op inside a "
+                             "compiled graph; inductor already recomputes the cheap ops there)")
         check_schedule(self.lr_schedule)
         if self.lr_schedule is not None and self.optimizer is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs an optimizer; optimizer=None "
                              "builds inference-only ranks")
         check_mode(self.activation_checkpointing)
-        if self.precision is not None and getattr(self.optimizer, "shard_over_dp", False):
-            raise ValueError(f"precision={self.precision!r} with shard_over_dp=True is not supported yet: "
-                             "the DP-sharded optimizer would keep whole master weights on every rank; "
-                             "use one of the two")
         if self.plan is not None and not isinstance(self.plan, Mapping):
             raise TypeError(f"plan must be a dict of module-name patterns to styles, got "
                             f"{type(self.plan).__name__}")
@@ -158,10 +156,9 @@ class BuildSpec:
         plain module made on the meta device, :meth:`check_plan` and :meth:`check_names`."""
         self.check_tp(tp)
         module = self._meta_module()
-        if module is None:
-            return
-        self.check_plan(module, tp)
-        self.check_names(module)
+        if module is not None:
+            self.check_plan(module, tp)
+        self.check_names()
 
     def _meta_module(self) -> nn.Module | None:
         """The factory's module on the meta device (no memory); None for a raytp config, or
@@ -189,12 +186,22 @@ class BuildSpec:
             return
         check_plan_flow(module, check_plan(module, dict(self.plan)))
 
-    def check_names(self, module: nn.Module) -> None:
-        """Refuse module-name patterns (``activation_checkpointing``, ``compile``) that match
-        no submodule of the plain module ``module``."""
+    def check_names(self) -> None:
+        """Refuse, before any rank work, module-name patterns (``activation_checkpointing``,
+        ``compile``) that match no submodule: matched against a module with the ranks'
+        names made on the driver (:func:`raytp.engine.names.module_for_names`: a plain
+        factory's on the meta device, a raytp config's in miniature). Where none can be
+        made, the ranks check when they build."""
+        from raytp.engine.names import module_for_names
+
         ckpt = self.activation_checkpointing if isinstance(self.activation_checkpointing, Mapping) else None
         options = compile_options(self.compile)
         parts = options.parts if options is not None else None
+        if not (ckpt or parts):
+            return
+        module = module_for_names(self.model)
+        if module is None:
+            return
         if ckpt:
             choose(module, ckpt)
         if parts:
