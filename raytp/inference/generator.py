@@ -124,7 +124,8 @@ class Generator:
         """One call of a generation: ``start`` begins a new one (dropping what is left of
         the last; on a training rank the cache is made for ``need`` = (slots, positions)),
         then :meth:`GenerationEngine.steps` (``cancel``: indices of requests to drop first);
-        a ``start`` without requests only ends the last one (a stream abandoned). The result adds ``sizes`` (the cache's)."""
+        a ``start`` without requests only ends the last one (a stream abandoned). The result
+        adds ``sizes`` (the cache's)."""
         self.check()
         if start and not requests:
             self._end()

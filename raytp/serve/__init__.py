@@ -52,9 +52,13 @@ def build_app(args: dict[str, Any]):
 def run(application, *, host: str = "127.0.0.1", port: int = 8000, name: str = "raytp",
         blocking: bool = True):
     """Start Ray Serve's HTTP proxy on ``host:port`` and deploy ``application`` at ``/``;
-    with ``blocking``, serve until interrupted."""
+    with ``blocking``, serve until interrupted. Ray is joined or started as ``TPCluster``
+    does (:func:`raytp.driver.launch.connect`)."""
     from ray import serve
 
+    from raytp.driver.launch import connect
+
+    connect(None)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(application, name=name, route_prefix="/", blocking=blocking)
 
