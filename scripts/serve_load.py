@@ -79,6 +79,9 @@ def report(latencies, tokens, wall, before, after, args) -> None:
           f"{len(latencies)} completed in {wall:.1f}s")
     print(f"latency p50 {q[49] * 1e3:.0f} ms, p99 {q[98] * 1e3:.0f} ms; {tokens} new tokens, "
           f"{tokens / wall:.0f} tokens/s; {steps} decode steps, {slots:.1f} mean active slots per step")
+    busy = sum(after[k] - before[k] for k in ("decode_s", "prefill_s"))
+    print(f"rank 0 decoding and prefilling: {busy:.1f}s of the {wall:.1f}s "
+          f"({after['prefills'] - before['prefills']} prefills)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
 
 

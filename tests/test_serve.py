@@ -177,6 +177,19 @@ def test_stop_strings_cut_the_text_and_free_the_slot(model, reference, server, c
     assert by_id.choices[0].token_ids == ids[:ids.index(ids[4])] and by_id.choices[0].finish_reason == "stop"
 
 
+def test_a_client_that_leaves_frees_its_slot(reference, server, client):
+    before = _stats(server)["decode_steps"]
+    stream = client.completions.create(model=NAME, prompt=TEXTS[reference["long_at"]], max_tokens=LONG,
+                                       temperature=0, stream=True)
+    assert next(iter(stream)).choices[0].token_ids
+    stream.close()  # the client leaves after its first chunk
+    deadline = time.monotonic() + 30
+    while _stats(server)["live"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = _stats(server)
+    assert stats["live"] == 0 and stats["decode_steps"] - before < LONG, stats
+
+
 def test_seeded_sampling_repeats_cluster_generate(model, reference, client):
     _, _, eos = model
     ask = dict(model=NAME, prompt=TEXTS[0], max_tokens=MAX, temperature=1.0, top_p=0.9)
@@ -285,6 +298,19 @@ def _cut(ids, n, eos):
 
 def _chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def test_serve_run_and_the_cli_check_their_arguments(model, capsys):
+    from ray.serve import Application
+
+    from raytp import cli
+
+    assert isinstance(raytp.serve.build_app({"pretrained_path": model[0], "tp": "2", "max_batch": "4"}),
+                      Application)
+    with pytest.raises(ValueError, match="holds no config.json"):
+        raytp.serve.app("/nonexistent", tp=2)
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        cli.main(["serve", "/nonexistent", "--tp", "2"])
 
 
 def _pid(actor):
