@@ -123,8 +123,11 @@ class CompletionService:
     async def _run(self, job: Job):
         """Yields the index of the choice each event changed, until every one ended."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        indices = self.batcher.submit(
-            job.requests, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            indices = self.batcher.submit(
+                job.requests, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except RuntimeError as e:  # closed: the replica is stopping
+            raise ApiError(503, str(e), code="shutting_down", retry_after_s=1) from None
         open_ = set(range(len(job.prompts)))
         try:
             while open_:
