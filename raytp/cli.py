@@ -132,7 +132,13 @@ def _serve(args) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print(f"serving {args.path} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
-    rserve.run(app, host=args.host, port=args.port)
+    try:
+        rserve.run(app, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        print("stopping: the replica, its ranks and their placement group")
+        serve.shutdown()
     return 0
 
 
