@@ -330,10 +330,13 @@ def test_a_rank_killed_under_a_stream(model, reference, server, client):
         blocking["response"] = httpx.post(f"{server}/v1/completions", timeout=120, headers={
             "Authorization": f"Bearer {KEY}"}, json={"model": NAME, "prompt": TEXTS[i], "max_tokens": LONG,
                                                       "temperature": 0})
-    stream = client.completions.create(model=NAME, prompt=TEXTS[i], max_tokens=LONG, temperature=0,
-                                       stream=True)
     thread = threading.Thread(target=whole)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not _stats(server)["live"] and time.monotonic() < deadline:  # in the batch, decoding
+        time.sleep(0.01)
+    stream = client.completions.create(model=NAME, prompt=TEXTS[i], max_tokens=LONG, temperature=0,
+                                       stream=True)
     chunks = iter(stream)
     first = next(chunks)
     assert first.choices[0].token_ids
