@@ -219,6 +219,8 @@ class Batcher:
             lost, self._live, self._cancel = list(self._live.values()), {}, []
         self._fail(lost, RanksLost(f"the model's ranks failed ({first}); they are being rebuilt",
                                    self.retry_s))
+        if self._closed:  # closing tore the ranks down under a call: nothing to rebuild
+            return
         started = time.monotonic()
         try:
             self.cluster.recover()
