@@ -1,4 +1,4 @@
-"""The ``raytp`` command line: ``raytp demo``, ``raytp bench``."""
+"""The ``raytp`` command line: ``raytp demo``, ``raytp bench``, ``raytp serve``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     _decode_options(modes.add_parser(
         "decode", help="generation: transformers (dynamic cache, static compiled) against raytp (eager, "
                        "CUDA graphs) on a 1.1B Llama at batch 1, 32 and 100 ragged prompts"))
+    _serve_options(commands.add_parser(
+        "serve", help="an OpenAI-compatible completions endpoint for a checkpoint, on Ray Serve",
+        description="Serve the Hugging Face checkpoint PATH (and its tokenizer.json) at "
+                    "http://HOST:PORT/v1 through Ray Serve, on tp x dp ranks. The API key, if any, "
+                    "is read from the RAYTP_API_KEY environment variable."))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = demo_main(tp=args.tp, epochs=args.epochs, device=args.device,
                              progress=not args.no_progress)
         return 0 if accuracy >= 0.95 else 1
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "bench" and args.mode == "control-plane":
         from raytp.driver.overhead import main as control_main
 
@@ -94,6 +101,45 @@ def _bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--no-torchrun", action="store_true")
     bench.add_argument("--no-exposed-comm", action="store_true",
                        help="skip the raytp runs without collectives (no exposed-communication figures)")
+
+
+def _serve_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("path", help="a Hugging Face checkpoint directory (config.json, safetensors)")
+    serve.add_argument("--tp", type=int, default=2)
+    serve.add_argument("--dp", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1", help="where to listen (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=None, help="KV cache slots (default: from memory)")
+    serve.add_argument("--max-len", type=int, default=None, help="positions per slot (default: from memory)")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", default="float32", help="the weights' dtype on the ranks (float32, "
+                                                          "bfloat16, float16, float64)")
+    serve.add_argument("--model-name", default=None, help="the model's id in the API (default: the "
+                                                          "directory's name)")
+
+
+def _serve(args) -> int:
+    import os
+
+    try:
+        import raytp.serve as rserve
+    except ImportError as e:
+        raise SystemExit(f"raytp serve needs Ray Serve: pip install 'raytp[serve]' ({e})") from None
+    try:
+        app = rserve.app(args.path, tp=args.tp, dp=args.dp, max_batch=args.max_batch, max_len=args.max_len,
+                         device=args.device, dtype=args.dtype, model_name=args.model_name,
+                         api_key=os.environ.get(rserve.API_KEY_ENV) or None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"serving {args.path} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    try:
+        rserve.run(app, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        print("stopping: the replica, its ranks and their placement group")
+        serve.shutdown()
+    return 0
 
 
 def _decode_options(decode: argparse.ArgumentParser) -> None:

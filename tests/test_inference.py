@@ -133,6 +133,19 @@ def test_scheduler_admits_to_the_lowest_free_slots_and_compacts():
     assert [bucket(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
 
 
+def test_cancelled_requests_leave_the_queue_and_free_their_slots():
+    requests = [Request(i, (1, 2), SamplingParams(5), 0) for i in range(4)]
+    s = Scheduler(2, capacity=16)
+    s.add(requests)
+    s.admit()
+    assert s.cancel([3, 1, 99]) == [1]  # 1 held slot 1, 3 was waiting, 99 is unknown
+    assert [r.index for _, r in s.admit()] == [2] and not s.waiting  # 2 takes the freed slot
+    assert s.active() == [0, 1] and s.slots[1].request.index == 2
+    assert s.cancel([0, 2]) == [0, 2] and s.idle
+    keyed = Request(7, (1,), SamplingParams(1), 5, key_index=0)
+    assert keyed.key == Request(0, (1,), SamplingParams(1), 5).key != Request(7, (1,), SamplingParams(1), 5).key
+
+
 def test_prefill_batches_are_bounded():
     long = PREFILL_TOKENS // 2 + 1
     s = Scheduler(8, capacity=PREFILL_TOKENS + 16)

@@ -90,11 +90,14 @@ class GenerationEngine:
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "active_slot_steps": 0,
                       "graph_steps": 0, "prefills": 0, "slot_moves": 0}
 
-    def steps(self, requests: Sequence[Request], max_steps: int) -> dict[str, Any]:
-        """Queue ``requests``; prefill and decode until ``max_steps`` decode steps ran or
+    def steps(self, requests: Sequence[Request], max_steps: int, cancel: Sequence[int] = ()
+              ) -> dict[str, Any]:
+        """Drop the requests of ``cancel`` (their slots are free for the next step), queue
+        ``requests``; prefill and decode until ``max_steps`` decode steps ran or
         nothing is left. Returns ``events`` [(prompt index, id)] in the order decided,
         ``first_token_at`` {prompt index: time.time() of its first id}, ``idle`` and
         ``stats`` (of the generation so far)."""
+        self.scheduler.cancel(cancel)
         self.scheduler.add(requests)
         events: list[tuple[int, int]] = []
         first: dict[int, float] = {}

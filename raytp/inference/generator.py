@@ -119,11 +119,13 @@ class Generator:
         return {"vocab_size": config.vocab_size, "max_seq_len": config.max_seq_len, **sizes}
 
     def steps(self, requests: Sequence[Request], max_steps: int, *, start: bool = False,
-              cuda_graphs: bool | None = None, need: tuple[int, int] | None = None) -> dict[str, Any]:
+              cuda_graphs: bool | None = None, need: tuple[int, int] | None = None,
+              cancel: Sequence[int] = ()) -> dict[str, Any]:
         """One call of a generation: ``start`` begins a new one (dropping what is left of
         the last; on a training rank the cache is made for ``need`` = (slots, positions)),
-        then :meth:`GenerationEngine.steps`; a ``start`` without requests only ends the last
-        one (a stream abandoned). The result adds ``sizes`` (the cache's)."""
+        then :meth:`GenerationEngine.steps` (``cancel``: indices of requests to drop first);
+        a ``start`` without requests only ends the last one (a stream abandoned). The result
+        adds ``sizes`` (the cache's)."""
         self.check()
         if start and not requests:
             self._end()
@@ -134,7 +136,7 @@ class Generator:
         if start:
             self.engine.start(cuda_graphs)
         with self._modes():
-            result = self.engine.steps(requests, max_steps)
+            result = self.engine.steps(requests, max_steps, cancel)
         self.stats = result["stats"]
         result["sizes"] = {k: v for k, v in self.describe().items() if k in SIZES}
         if result["idle"]:

@@ -27,16 +27,20 @@ MIN_LENGTH_BUCKET = 64  # attention reads a power of two of positions, at least 
 @dataclass(frozen=True)
 class Request:
     """Prompt ``index`` of a call (its events are tagged with it): its ids, how to sample
-    it and the seed of the call (resolved: never None)."""
+    it and the seed of the call (resolved: never None). ``key_index`` is the index its
+    draws are keyed by when that is not ``index`` (a server gives every request of every
+    client its own ``index``, and keys prompt i of a client's call by i, as
+    ``cluster.generate`` of that call alone does)."""
 
     index: int
     prompt: tuple[int, ...]
     sampling: SamplingParams
     seed: int
+    key_index: int | None = None
 
     @property
     def key(self) -> int:
-        return request_key(self.seed, self.index)
+        return request_key(self.seed, self.index if self.key_index is None else self.key_index)
 
     @property
     def positions(self) -> int:
@@ -123,6 +127,21 @@ class Scheduler:
 
     def add(self, requests: Sequence[Request]) -> None:
         self.waiting.extend(requests)
+
+    def cancel(self, indices: Sequence[int]) -> list[int]:
+        """Drop the requests of ``indices`` (a client gone, a stop string reached): out of
+        the queue, their slots freed for the next waiting request. Unknown indices (done
+        already, or another DP group's) are ignored; the indices dropped, in slot order."""
+        drop = set(indices)
+        if not drop:
+            return []
+        self.waiting = deque(r for r in self.waiting if r.index not in drop)
+        dropped = []
+        for i, held in enumerate(self.slots):
+            if held is not None and held.request.index in drop:
+                self.slots[i] = None
+                dropped.append(held.request.index)
+        return dropped
 
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is not None]
