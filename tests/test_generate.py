@@ -34,7 +34,8 @@ EOS = 37  # what the random weights below choose now and then: some sequences st
 def _configs():
     gpt2 = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                    initializer_range=0.5, bos_token_id=0, eos_token_id=EOS)
-    llama = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    llama = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2,
                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
                                      initializer_range=0.5, tie_word_embeddings=False, bos_token_id=0,
                                      eos_token_id=EOS)
@@ -110,7 +111,8 @@ def test_cluster_generate_and_stream(ray_local, checkpoints):
 
 
 def test_a_training_build_generates_between_steps(ray_local):
-    config = raytp.models.GPTConfig(vocab_size=VOCAB, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64,
+    config = raytp.models.GPTConfig(vocab_size=VOCAB, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
+                                    d_ff=64,
                                     max_seq_len=32, norm="rmsnorm", activation="swiglu", positions="rope",
                                     bias=False, tie_embeddings=False, dropout=0.1, dtype="float64")
     g = torch.Generator().manual_seed(1)

@@ -16,7 +16,8 @@ import _dist
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
-CONFIG = GPTConfig(vocab_size=1000, n_layers=4, n_heads=8, n_kv_heads=2, d_model=256, d_ff=512, max_seq_len=256,
+CONFIG = GPTConfig(vocab_size=1000, n_layers=4, n_heads=8, n_kv_heads=2, d_model=256, d_ff=512,
+                   max_seq_len=256,
                    norm="rmsnorm", activation="swiglu", positions="rope", bias=False, tie_embeddings=False,
                    dtype="float32", init_std=0.1)
 
@@ -37,7 +38,8 @@ def _graphs_and_eager():
                            ("sampled", SamplingParams(24, temperature=0.8, top_k=50, top_p=0.9, seed=3))]:
         for graphs in (True, False):
             ids = generate(engine.generation, _prompts(), sampling, cuda_graphs=graphs)
-            out[name, graphs] = ids, engine.generation.stats["graph_steps"], engine.generation.stats["decode_steps"]
+            stats = engine.generation.stats
+            out[name, graphs] = ids, stats["graph_steps"], stats["decode_steps"]
     return out
 
 
@@ -60,4 +62,4 @@ def _sized():
 def test_an_inference_build_sizes_its_cache_from_free_memory():
     info, free_after = _dist.run(1, _sized, backend="gloo-cuda")[0]
     assert info["max_len"] == CONFIG.max_seq_len and info["max_batch"] >= 8
-    assert 0 < info["kv_cache_bytes"] and free_after > 0
+    assert info["kv_cache_bytes"] > 0 and free_after > 0

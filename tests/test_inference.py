@@ -97,7 +97,8 @@ def _decode_logits_match(config, lengths):
 
     model.forward_at = recorded
     prompts = _prompts(lengths, seed=1)
-    out, _ = _run(engine.generation, [Request(i, tuple(p), SamplingParams(NEW), 0) for i, p in enumerate(prompts)])
+    requests = [Request(i, tuple(p), SamplingParams(NEW), 0) for i, p in enumerate(prompts)]
+    out, _ = _run(engine.generation, requests)
     del model.forward_at
     steps = iter(calls)
     with torch.no_grad():
@@ -143,7 +144,8 @@ def test_cancelled_requests_leave_the_queue_and_free_their_slots():
     assert s.active() == [0, 1] and s.slots[1].request.index == 2
     assert s.cancel([0, 2]) == [0, 2] and s.idle
     keyed = Request(7, (1,), SamplingParams(1), 5, key_index=0)
-    assert keyed.key == Request(0, (1,), SamplingParams(1), 5).key != Request(7, (1,), SamplingParams(1), 5).key
+    first, seventh = Request(0, (1,), SamplingParams(1), 5), Request(7, (1,), SamplingParams(1), 5)
+    assert keyed.key == first.key != seventh.key
 
 
 def test_prefill_batches_are_bounded():
@@ -157,7 +159,8 @@ def test_prefill_batches_are_bounded():
 
 def test_requests_are_checked():
     sp = SamplingParams(4)
-    assert [r.prompt for r in make_requests([[1, 2], (3,)], sp, vocab_size=5, max_seq_len=8)] == [(1, 2), (3,)]
+    made = make_requests([[1, 2], (3,)], sp, vocab_size=5, max_seq_len=8)
+    assert [r.prompt for r in made] == [(1, 2), (3,)]
     import numpy as np
 
     rows = make_requests(np.array([[1, 2], [3, 4]]), sp, vocab_size=5, max_seq_len=8)
@@ -177,8 +180,8 @@ def test_requests_are_checked():
 def test_cache_sizes():
     shape = CacheShape(n_layers=2, kv_heads=2, head_dim=8, dtype=torch.bfloat16)
     cpu = torch.device("cpu")
-    assert (size_cache(shape, 100, cpu, None, None).max_batch, size_cache(shape, 100, cpu, None, None).max_len) \
-        == (8, 100)
+    default = size_cache(shape, 100, cpu, None, None)
+    assert (default.max_batch, default.max_len) == (8, 100)
     sized = size_cache(shape, 100, cpu, 3, 50)
     assert (sized.max_batch, sized.max_len, sized.capacity) == (3, 50, 64)
     assert sized.nbytes == 3 * 64 * 2 * 2 * 2 * 8 * 2
