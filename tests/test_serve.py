@@ -68,18 +68,24 @@ def _load_prompts(vocab):
             for _ in range(CLIENTS)]
 
 
+def _save_llama(path, tok, hidden_size: int, intermediate_size: int, **token_ids) -> None:
+    """A tiny seeded Llama with ``tok``'s vocabulary saved at ``path``, ``tok`` beside it."""
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size,
+                                      intermediate_size=intermediate_size, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, initializer_range=0.5,
+                                      tie_word_embeddings=False, **token_ids)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / NAME
     tok = _tokenizer()
     eos = tok.token_to_id("<eos>")
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, initializer_range=0.5,
-                                      tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
+    _save_llama(path, tok, 32, 48, bos_token_id=eos, eos_token_id=eos)
     return str(path), tok, eos
 
 

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.gpu
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # test_serve._save_llama writes the checkpoint
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA GPUs", allow_module_level=True)
 
-from test_serve import KEY, NAME, _free_port, _strip, _tokenizer  # noqa: E402
+from test_serve import KEY, NAME, _free_port, _save_llama, _strip, _tokenizer  # noqa: E402
 
 import raytp.serve  # noqa: E402
 
@@ -31,13 +31,7 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve-gpu") / NAME
     tok = _tokenizer()
     eos = tok.token_to_id("<eos>")
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, initializer_range=0.5,
-                                      tie_word_embeddings=False, eos_token_id=eos)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
+    _save_llama(path, tok, 64, 128, eos_token_id=eos)
     return str(path), eos
 
 

@@ -99,6 +99,14 @@ class CompletionServer:
             raise ApiError(401, "a valid API key is needed: 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    def _denied(self, request: Request) -> JSONResponse | None:
+        """The 401 response to a request without the key; None when it may go on."""
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return _error(e)
+        return None
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         try:
@@ -116,28 +124,22 @@ class CompletionServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except ApiError as e:
-            return _error(e)
+        if (denied := self._denied(request)) is not None:
+            return denied
         return JSONResponse(self.service.models())
 
     @api.get("/health")
     async def health(self, request: Request):
-        try:
-            self._authorize(request)
-        except ApiError as e:
-            return _error(e)
+        if (denied := self._denied(request)) is not None:
+            return denied
         if not self.batcher.ready:
             return _error(ApiError(503, "the model's ranks are being rebuilt", retry_after_s=5))
         return JSONResponse({"status": "ok"})
 
     @api.get("/stats")
     async def stats(self, request: Request):
-        try:
-            self._authorize(request)
-        except ApiError as e:
-            return _error(e)
+        if (denied := self._denied(request)) is not None:
+            return denied
         return JSONResponse(self.batcher.stats())
 
     def check_health(self) -> None:

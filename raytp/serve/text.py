@@ -10,8 +10,9 @@ decoded ids, cut before the first stop string.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from raytp.checkpoint.files import read_json
 
 
 def load_tokenizer(path: str | Path):
@@ -29,7 +30,7 @@ def load_tokenizer(path: str | Path):
 def eos_ids(path: str | Path, vocab_size: int) -> tuple[int, ...]:
     """The ``eos_token_id`` (an id or a list) of ``path/config.json``, those in the vocabulary."""
     file = Path(path) / "config.json"
-    eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    eos = read_json(file).get("eos_token_id") if file.is_file() else None
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     return tuple(t for t in eos if isinstance(t, int) and 0 <= t < vocab_size)
 
