@@ -161,15 +161,14 @@ class BuildSpec:
         self.check_names()
 
     def _meta_module(self) -> nn.Module | None:
-        """The factory's module on the meta device (no memory); None for a raytp config, or
-        a factory that cannot run there (e.g. it reads weights): the ranks check those."""
+        """The factory's module on the meta device (no memory,
+        :func:`raytp.engine.names.module_for_names`); None for a raytp config, or a factory
+        that cannot run there (e.g. it reads weights): the ranks check those."""
+        from raytp.engine.names import module_for_names
+
         if hasattr(self.model, "build"):
             return None
-        try:
-            with torch.device("meta"):
-                module = self.model()
-        except Exception:  # noqa: BLE001 - the ranks run it for real and report its error
-            return None
+        module = module_for_names(self.model)
         return module if isinstance(module, nn.Module) else None
 
     def check_plan(self, module: nn.Module, tp: int) -> None:
