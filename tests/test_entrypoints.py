@@ -53,13 +53,16 @@ def test_quickstart_notebook_defines_its_model_and_plan():
 
 def test_ray_job_submit_runs_a_tpcluster():
     """A real head (`ray start --head`, loopback) and its job server run examples/ray_job.py."""
-    gcs_port, dash_port = _free_port(), _free_port()
+    # the head's dashboard agent gets a port of its own: Ray's default (52365) is taken by any other
+    # local Ray on this machine (a parallel test's), and an agent that cannot bind it never registers
+    gcs_port, dash_port, agent_port = _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rtp", dir="/tmp")  # Ray's socket paths must stay short
     # token auth stays on, with this test's own token (a fresh machine has none in ~/.ray)
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--dashboard-agent-listen-port={agent_port}",
          "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
