@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--json", default=None, help="write the results here")
     recipe.add_argument("--settings", type=_csv(str), default=None,
                         help="comma-separated settings to run (default: all), e.g. bf16,mixed")
+    recipe.add_argument("--compile-backend", default="inductor",
+                        help="the torch.compile backend of the +compile settings (aot_eager: no code "
+                             "generation, for a quick check on CPU)")
     _decode_options(modes.add_parser(
         "decode", help="generation: transformers (dynamic cache, static compiled) against raytp (eager, "
                        "CUDA graphs) on a 1.1B Llama at batch 1, 32 and 100 ragged prompts"))
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from raytp.driver.recipe import run as recipe_run
 
         recipe_run(tp=args.tp, device=args.device, quick=args.quick, warmup=args.warmup, steps=args.steps,
-                   json_path=args.json, only=args.settings,
+                   json_path=args.json, only=args.settings, compile_backend=args.compile_backend,
                    command="raytp " + " ".join(sys.argv[1:] if argv is None else argv))
         return 0
     if args.command == "bench" and args.mode == "decode":

@@ -216,13 +216,15 @@ if __name__ == "__main__":
 
 def test_recipe_bench_runs_every_setting_on_cpu(ray_local, tmp_path):
     """raytp bench recipe --quick: each recipe setting trains the same tiny Llama on CPU
-    ranks, and the report has a row per setting."""
+    ranks, and the report has a row per setting. The compiled settings use aot_eager here:
+    inductor's C++ build takes a minute on two cores (tests/test_compile.py runs inductor)."""
     from raytp.cli import main
 
     path = tmp_path / "recipe.json"
     assert main(["bench", "recipe", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                 "--json", str(path)]) == 0
+                 "--compile-backend", "aot_eager", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
+    assert report["compile_backend"] == "aot_eager"
     assert {"bf16", "mixed", "mixed+selective", "mixed+full"} <= set(report["settings"])
     for row in report["settings"].values():
         assert row["ms_per_step"] > 0 and np.isfinite(row["loss"])

@@ -18,6 +18,7 @@ import statistics
 import numpy as np
 
 import raytp
+from raytp.compile import CompileOptions
 from raytp.models import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ TINY = dataclasses.replace(LLAMA_1B, vocab_size=512, n_layers=2, n_heads=4, n_kv
 MIXED = raytp.MixedPrecision(param_dtype="bfloat16", master_dtype="float32", reduce_dtype="float32")
 
 
-def settings(config: GPTConfig, device: str) -> dict[str, dict]:
-    """The recipe's settings, as build options (the config's dtype for pure bf16)."""
+def settings(config: GPTConfig, device: str, compile_backend: str = "inductor") -> dict[str, dict]:
+    """The recipe's settings, as build options (the config's dtype for pure bf16); the
+    compiled ones use ``compile_backend``."""
+    compiled = CompileOptions(backend=compile_backend)
     compute = "bfloat16" if device == "cuda" else "float32"
     pure = dataclasses.replace(config, dtype=compute)
     master = dataclasses.replace(config, dtype="float32")
@@ -39,9 +42,9 @@ def settings(config: GPTConfig, device: str) -> dict[str, dict]:
            "mixed": {"model": master, "precision": MIXED},
            "mixed+selective": {"model": master, "precision": MIXED, "activation_checkpointing": "selective"},
            "mixed+full": {"model": master, "precision": MIXED, "activation_checkpointing": "full"}}
-    out["mixed+compile"] = {"model": master, "precision": MIXED, "compile": True}
+    out["mixed+compile"] = {"model": master, "precision": MIXED, "compile": compiled}
     out["mixed+full+compile"] = {"model": master, "precision": MIXED, "activation_checkpointing": "full",
-                                 "compile": True}
+                                 "compile": compiled}
     return out
 
 
@@ -66,7 +69,7 @@ def measure(cluster, options: dict, batch: dict, warmup: int, steps: int) -> dic
 
 def run(tp: int = 1, device: str = "auto", quick: bool = False, warmup: int = 3, steps: int = 10,
         batch_size: int = 4, json_path: str | None = None, command: str = "raytp bench recipe",
-        only: tuple[str, ...] | None = None) -> dict:
+        only: tuple[str, ...] | None = None, compile_backend: str = "inductor") -> dict:
     config = TINY if quick else LLAMA_1B
     known = settings(config, "cpu")
     unknown = sorted(set(only or ()) - set(known))
@@ -75,13 +78,14 @@ def run(tp: int = 1, device: str = "auto", quick: bool = False, warmup: int = 3,
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.max_seq_len))
     results = {}
     with raytp.TPCluster(tp=tp, device=device) as cluster:
-        for name, options in settings(config, cluster.device).items():
+        for name, options in settings(config, cluster.device, compile_backend).items():
             if only and name not in only:
                 continue
             log.info("recipe bench: %s", name)
             results[name] = measure(cluster, options, {"input_ids": ids}, warmup, steps)
         device = cluster.device
     report = {"command": command, "tp": tp, "device": device, "tokens_per_step": int(ids.size),
+              "compile_backend": compile_backend,
               "model": {k: getattr(config, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads",
                                                          "d_ff", "vocab_size")},
               "settings": results}
