@@ -13,7 +13,7 @@ def _load(name):
     return module
 
 
-def test_train_gpt_recipe_resumes_with_the_same_losses(tmp_path, monkeypatch):
+def test_train_gpt_recipe_resumes_with_the_same_losses(ray_local, tmp_path, monkeypatch):
     """--recipe (BPE tokens, warmup-cosine, two micro-batches, checkpoints, TensorBoard) at
     tp=2 on CPU ranks: a run stopped after 12 of 24 steps and resumed from its checkpoint
     takes steps 12..23 exactly as the uninterrupted run does."""
@@ -35,7 +35,7 @@ def test_train_gpt_recipe_resumes_with_the_same_losses(tmp_path, monkeypatch):
     assert (tmp_path / "whole.png").stat().st_size > 10_000 and any((tmp_path / "tb").iterdir())
 
 
-def test_train_gpt_learns_below_the_unigram_entropy(tmp_path, monkeypatch):
+def test_train_gpt_learns_below_the_unigram_entropy(ray_local, tmp_path, monkeypatch):
     """A byte-level GPT at tp=2 on CPU ranks: after 120 short steps the held-out loss is
     well below the entropy of the byte distribution, and it writes its plot and a sample."""
     monkeypatch.setenv("RAY_ADDRESS", "")
