@@ -28,10 +28,16 @@ def _free_port() -> int:
 def test_quickstart_notebook_runs_top_to_bottom():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT / "examples")}})
-    client.execute()
+    for attempt in range(2):  # a second try only where Ray's own start timed out (see _ray_start_timed_out)
+        nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(ROOT / "examples")}})
+        try:
+            client.execute()
+            break
+        except nbclient.exceptions.CellExecutionError as e:
+            if attempt or not _ray_start_timed_out(str(e)):
+                raise
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     accuracy = float(re.search(r"held-out accuracy: ([0-9.]+)", outputs).group(1))
     assert accuracy > 0.95
@@ -115,10 +121,20 @@ def _wait_for_job_server(address: str, head: subprocess.Popen, timeout_s: float 
     raise TimeoutError(f"the job server at {address} did not come up in {timeout_s}s")
 
 
+def _ray_start_timed_out(log: str) -> bool:
+    """Ray waits a hard-coded 30 s for a new local instance's raylet to register, which two
+    cores busy with the other test worker can miss (ray-project/ray#47087, #62883): the run
+    failed before any raytp work, and the tests that start their own Ray try once more."""
+    return "The current node timed out during startup" in log
+
+
 def test_demo_cli_reaches_95_percent():
-    out = subprocess.run([sys.executable, "-m", "raytp", "demo", "--no-progress", "--epochs", "10"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env={**os.environ, "RAY_ADDRESS": ""})
+    for attempt in range(2):
+        out = subprocess.run([sys.executable, "-m", "raytp", "demo", "--no-progress", "--epochs", "10"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT,
+                             env={**os.environ, "RAY_ADDRESS": ""})
+        if out.returncode == 0 or attempt or not _ray_start_timed_out(out.stderr):
+            break
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     accuracy = float(re.search(r"held-out accuracy: ([0-9.]+)", out.stdout).group(1))
     assert accuracy >= 0.95
