@@ -7,6 +7,19 @@ import _dist
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any world starts: nothing is downloaded in tests
 
+# The files that take a minute or more (a few long end-to-end tests each), first. `make test`
+# hands its two workers one file at a time in collection order (--no-loadscope-reorder:
+# xdist would otherwise order files by their number of tests, which put these last, where
+# the final one ran alone for minutes).
+SLOW_FIRST = ("test_entrypoints.py", "test_driver.py", "test_chaos.py", "test_bench.py", "test_resume.py",
+              "test_driver_checkpoint.py", "test_serve.py", "test_examples.py", "test_compile.py",
+              "test_serve_cli.py", "test_seam.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FIRST)))  # stable: files stay whole
+
 
 @pytest.fixture(scope="module")
 def ray_local(request):
