@@ -136,6 +136,7 @@ def _serve(args) -> int:
         raise SystemExit(str(e)) from None
     print(f"serving {args.path} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     try:
+        _stop_on_sigterm()
         rserve.run(app, host=args.host, port=args.port)
     except KeyboardInterrupt:
         from ray import serve
@@ -143,6 +144,22 @@ def _serve(args) -> int:
         print("stopping: the replica, its ranks and their placement group")
         serve.shutdown()
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """Join or start Ray first, then make SIGTERM (``kill``, ``docker stop``, Kubernetes) stop
+    the server as Ctrl-C does. After ``ray.init``: Ray installs its own SIGTERM handler there,
+    which dumps a stack and leaves Serve's actors to die with the process."""
+    import signal
+
+    from raytp.driver.launch import connect
+
+    connect(None)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _decode_options(decode: argparse.ArgumentParser) -> None:

@@ -50,8 +50,9 @@ def test_serve_run_and_the_cli_check_their_arguments(model, capsys):
 
 def test_raytp_serve_from_a_shell(model):
     """`raytp serve PATH` as a user starts it: its own process and local Ray; at tp=2 it
-    answers with transformers' greedy ids, Ctrl-C stops it with exit status 0, and nothing
-    of its process group (its Ray, the replica, the ranks) is left."""
+    answers with transformers' greedy ids; SIGTERM (as `kill` or `docker stop` sends it)
+    stops it as Ctrl-C does, with exit status 0, and nothing of its process group (its Ray,
+    the replica, the ranks) is left."""
     path, tok, eos = model
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -65,7 +66,7 @@ def test_raytp_serve_from_a_shell(model):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
         out = client.completions.create(model=NAME, prompt=TEXTS[0], max_tokens=MAX, temperature=0)
         assert out.choices[0].token_ids == _greedy(path, tok.encode(TEXTS[0]).ids, eos)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, log[-3000:]
         assert f"serving {path} at http://127.0.0.1:{port}/v1" in log and "stopping: the replica" in log
