@@ -17,7 +17,10 @@ from raytp.metrics import stragglers
 
 ray = pytest.importorskip("ray")
 
-SLEEP_S = 0.25
+# Long against what two busy cores can take from the fast rank: a rank is flagged beyond 10% of
+# the step, and with 0.25 s (30 ms of a 0.3 s step) a fast rank descheduled under CI load was
+# flagged too (stragglers [0, 1] in one step of a fresh-clone run).
+SLEEP_S = 1.0
 
 
 def sleepy_loss(model, batch):
